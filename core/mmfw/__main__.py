@@ -1,0 +1,5 @@
+"""``python -m mmfw`` (what torchrun runs)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Built-in device backends: cpu, cuda, mps and auto."""

@@ -1,0 +1,1 @@
+"""Built-in data plugins: datasets and batch samplers."""

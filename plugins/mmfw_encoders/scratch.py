@@ -1,0 +1,168 @@
+"""From-scratch encoders for quick experiments and the quickstart.
+
+``scratch-vision`` is a small ViT built by ``timm.create_model`` with random weights.
+``scratch-text`` is a small pre-norm transformer whose WordPiece tokenizer is trained on the
+run's training captions (``prepare``) and saved in the run directory (``save_assets``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import attrs
+import timm
+import torch
+from mmfw.options import option
+from PIL import Image
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from torch import Tensor, nn
+
+from .images import normalise, to_tensor
+
+_pos = attrs.validators.ge(1)
+
+
+@attrs.frozen
+class ScratchVisionOptions:
+    image_size: int = option(48, doc="input side in pixels (images are resized to it)",
+                             validator=_pos)
+    patch_size: int = option(6, doc="ViT patch side in pixels", validator=_pos)
+    width: int = option(128, doc="transformer width (= output dim)", validator=_pos)
+    depth: int = option(4, doc="transformer blocks", validator=_pos)
+    heads: int = option(4, doc="attention heads", validator=_pos)
+    mlp_ratio: float = option(2.0, doc="MLP hidden width / width", validator=attrs.validators.gt(0))
+    pooling: Literal["cls", "mean"] = option("mean", doc="class token or mean of patch tokens")
+    base: str = option("vit_tiny_patch16_224", doc="timm architecture the options override")
+
+    def __attrs_post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"'image_size' ({self.image_size}) must be a multiple of "
+                             f"'patch_size' ({self.patch_size})")
+        if self.width % self.heads:
+            raise ValueError(f"'width' ({self.width}) must be divisible by 'heads' ({self.heads})")
+
+
+class ScratchVision(nn.Module):
+    Options = ScratchVisionOptions
+    modality = "image"
+    mean = (0.5, 0.5, 0.5)
+    std = (0.5, 0.5, 0.5)
+
+    def __init__(self, options: ScratchVisionOptions | None = None) -> None:
+        super().__init__()
+        o = self.options = options or ScratchVisionOptions()
+        self.model = timm.create_model(
+            o.base, pretrained=False, num_classes=0, img_size=o.image_size,
+            patch_size=o.patch_size, embed_dim=o.width, depth=o.depth, num_heads=o.heads,
+            mlp_ratio=o.mlp_ratio, global_pool="token" if o.pooling == "cls" else "avg",
+        )
+        self.dim = int(self.model.num_features)
+
+    def preprocess(self, image: Image.Image | Tensor) -> Tensor:
+        return normalise(to_tensor(image, self.options.image_size), self.mean, self.std)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.model(pixels)
+
+
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+
+
+@attrs.frozen
+class ScratchTextOptions:
+    vocab_size: int = option(2000, doc="tokenizer vocabulary (trained on the train captions)",
+                             validator=attrs.validators.ge(len(SPECIALS) + 1))
+    max_length: int = option(48, doc="tokens per caption after truncation", validator=_pos)
+    width: int = option(128, doc="transformer width (= output dim)", validator=_pos)
+    depth: int = option(3, doc="transformer layers", validator=_pos)
+    heads: int = option(4, doc="attention heads", validator=_pos)
+    mlp_ratio: float = option(2.0, doc="MLP hidden width / width", validator=attrs.validators.gt(0))
+    dropout: float = option(0.0, doc="dropout in the transformer layers",
+                            validator=[attrs.validators.ge(0), attrs.validators.lt(1)])
+    pooling: Literal["mean", "cls"] = option("mean", doc="mean of tokens or the [CLS] token")
+
+    def __attrs_post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"'width' ({self.width}) must be divisible by 'heads' ({self.heads})")
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, max_length: int) -> Tokenizer:
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+                                        show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    _configure(tok, max_length)
+    return tok
+
+
+def _configure(tok: Tokenizer, max_length: int) -> None:
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    tok.enable_truncation(max_length)
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
+
+
+class ScratchText(nn.Module):
+    Options = ScratchTextOptions
+    modality = "text"
+    TOKENIZER_FILE = "tokenizer.json"
+
+    def __init__(self, options: ScratchTextOptions | None = None) -> None:
+        super().__init__()
+        o = self.options = options or ScratchTextOptions()
+        self.tokenizer: Tokenizer | None = None
+        self.embed = nn.Embedding(o.vocab_size, o.width)
+        self.pos = nn.Parameter(torch.randn(o.max_length, o.width) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            o.width, o.heads, int(o.width * o.mlp_ratio), dropout=o.dropout,
+            activation="gelu", batch_first=True, norm_first=True,
+        )
+        self.layers = nn.TransformerEncoder(layer, o.depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(o.width)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.dim = o.width
+
+    # tokenizer lifecycle ------------------------------------------------------------------
+    def prepare(self, train_texts: Iterable[str]) -> None:
+        """Train the WordPiece tokenizer on the training captions (before training)."""
+        o = self.options
+        self.tokenizer = train_wordpiece(train_texts, o.vocab_size, o.max_length)
+
+    def save_assets(self, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self._require_tokenizer().save(str(Path(directory) / self.TOKENIZER_FILE))
+
+    def load_assets(self, directory: str | Path) -> None:
+        tok = Tokenizer.from_file(str(Path(directory) / self.TOKENIZER_FILE))
+        _configure(tok, self.options.max_length)
+        self.tokenizer = tok
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise RuntimeError(
+                "scratch-text has no tokenizer yet: call prepare(train_texts) to train one, "
+                "or load_assets(run_dir/'assets/text') to load a run's"
+            )
+        return self.tokenizer
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        enc = self._require_tokenizer().encode_batch([str(t) for t in texts])
+        ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.bool)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    # model ----------------------------------------------------------------------------------
+    def forward(self, tokens: dict[str, Tensor]) -> Tensor:
+        ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        x = self.norm(self.layers(x, src_key_padding_mask=~mask))
+        if self.options.pooling == "cls":
+            return x[:, 0]
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(1) / m.sum(1).clamp_min(1.0)

@@ -1,0 +1,71 @@
+"""InfoNCE / CLIP loss with multiple positives by id."""
+
+from __future__ import annotations
+
+import attrs
+import torch.nn.functional as F
+from mmfw.contracts import LossOutput
+from mmfw.options import option
+from torch import Tensor, nn
+
+from .masks import positives
+from .temperature import Temperature
+
+
+@attrs.frozen
+class InfoNCEOptions:
+    temperature: float = option(0.07, doc="initial tau: cosine similarity is divided by it",
+                                validator=attrs.validators.gt(0))
+    learn_temperature: bool = option(True, doc="learn tau (as CLIP's logit_scale)")
+    max_scale: float = option(100.0, doc="clamp on 1/tau", validator=attrs.validators.gt(1))
+    label_smoothing: float = option(0.0, doc="mass spread uniformly over all candidates",
+                                    validator=[attrs.validators.ge(0), attrs.validators.lt(1)])
+
+
+def soft_cross_entropy(logits: Tensor, pos: Tensor, smoothing: float = 0.0) -> Tensor:
+    """Mean over rows with a positive of ``-sum_j q_ij log softmax(logits)_ij``.
+
+    ``q`` is uniform over the row's positives (mixed with ``smoothing`` uniform mass).
+    """
+    has_pos = pos.any(1)
+    q = pos.to(logits.dtype)
+    q = q / q.sum(1, keepdim=True).clamp_min(1.0)
+    if smoothing:
+        q = (1 - smoothing) * q + smoothing / logits.shape[1]
+    nll = -(q * F.log_softmax(logits, dim=1)).sum(1)
+    # rows without a positive contribute 0 and are not counted (no host sync)
+    return nll.mul(has_pos).sum() / has_pos.sum().clamp_min(1)
+
+
+class InfoNCE(nn.Module):
+    r"""Symmetric InfoNCE (CLIP, Radford et al. 2021; van den Oord et al. 2018).
+
+    With :math:`\hat x = x/\|x\|`, :math:`l_{ij} = \hat v_i^\top \hat t_j / \tau` and
+    :math:`P_i = \{j : id^v_i = id^t_j\}`:
+
+    .. math::
+        L_{i2t} = -\frac{1}{B_i}\sum_i \frac{1}{|P_i|}\sum_{j\in P_i}
+                  \log \frac{e^{l_{ij}}}{\sum_k e^{l_{ik}}},\qquad
+        L = \tfrac12 (L_{i2t} + L_{t2i})
+
+    and :math:`L_{t2i}` the same over columns. With unique ids this is CLIP's loss exactly;
+    with repeated ids other captions of the same image are positives, never false negatives.
+    """
+
+    Options = InfoNCEOptions
+
+    def __init__(self, options: InfoNCEOptions | None = None) -> None:
+        super().__init__()
+        self.options = o = options or InfoNCEOptions()
+        self.temperature = Temperature(o.temperature, o.learn_temperature, o.max_scale)
+
+    def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
+                text_ids: Tensor | None = None, **context) -> LossOutput:
+        v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+        logits = self.temperature.scale() * v @ t.T
+        pos = positives(v.shape[0], t.shape[0], image_ids, text_ids, logits.device)
+        ls = self.options.label_smoothing
+        i2t = soft_cross_entropy(logits, pos, ls)
+        t2i = soft_cross_entropy(logits.T, pos.T, ls)
+        return LossOutput((i2t + t2i) / 2, {"i2t": i2t.detach(), "t2i": t2i.detach()})
+

@@ -1,0 +1,1 @@
+"""Built-in stage schedulers (LR schedules; staged freezing comes with three-stage)."""
