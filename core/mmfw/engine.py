@@ -207,7 +207,12 @@ class Trainer:
 
     def _sampler_state(self) -> dict[str, Any] | None:
         fn = getattr(self.sampler, "state_dict", None)
-        return fn() if callable(fn) else None
+        if not callable(fn):
+            return None
+        # DataLoader workers draw batches ahead of training: the position that counts is the
+        # number of batches trained on in this epoch, not how far the sampler has been read.
+        return {**fn(), "epoch": self.epoch,
+                "position": self.step - self.epoch * self.steps_per_epoch}
 
     def _restore(self, step: int) -> None:
         ckpt.load_weights(self.ckpt_dir, step, self.model, self.loss)
@@ -293,6 +298,7 @@ class Trainer:
             if self.step >= (self.epoch + 1) * self.steps_per_epoch:
                 self.epoch += 1
                 self._end_of_epoch()
+                t_log, n_log = time.perf_counter(), 0  # evaluation time is not training speed
         if bar is not None:
             bar.close()
         self.save()

@@ -44,9 +44,9 @@ def recall_at_k(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
         for i, k in enumerate(ks):
             hits_t2i[i] += own[:, :k].any(1).sum()
     for i, k in enumerate(ks):
-        out[f"i2t_R@{k}"] = float(100.0 * hits_i2t[i] / n)
+        out[f"i2t_R@{k}"] = 100.0 * int(hits_i2t[i]) / n  # exact counts, float64 division
     for i, k in enumerate(ks):
-        out[f"t2i_R@{k}"] = float(100.0 * hits_t2i[i] / m)
+        out[f"t2i_R@{k}"] = 100.0 * int(hits_t2i[i]) / m
     out["rsum"] = sum(out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks)
     return out
 

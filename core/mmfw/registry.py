@@ -159,4 +159,7 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
         options = make_options(kind, name, kwargs)
     elif kwargs:
         raise TypeError("create(): pass options either as options= or as keywords, not both")
-    return factory(options, **context)
+    try:
+        return factory(options, **context)
+    except ValueError as err:  # a component refusing its configuration is the user's to fix
+        raise PluginError(f"cannot build {kind} '{name}': {err}") from err

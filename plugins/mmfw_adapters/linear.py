@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import attrs
-from mmfw.options import option
 from torch import Tensor, nn
+
+from mmfw.options import option
 
 
 @attrs.frozen

@@ -11,6 +11,7 @@ from typing import Literal
 import attrs
 import numpy as np
 import torch
+
 from mmfw.options import option
 
 Precision = Literal["fp32", "bf16", "fp16"]

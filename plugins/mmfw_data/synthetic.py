@@ -16,9 +16,10 @@ from typing import Literal
 import attrs
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
+
 from mmfw.contracts import Item
 from mmfw.options import option
-from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLOURS = {

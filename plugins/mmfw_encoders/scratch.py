@@ -7,6 +7,7 @@ run's training captions (``prepare``) and saved in the run directory (``save_ass
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -14,10 +15,11 @@ from typing import Literal
 import attrs
 import timm
 import torch
-from mmfw.options import option
 from PIL import Image
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
+
+from mmfw.options import option
 
 from .images import normalise, to_tensor
 
@@ -89,12 +91,27 @@ class ScratchTextOptions:
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, max_length: int) -> Tokenizer:
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
-                                        show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
+    """A WordPiece tokenizer whose vocabulary is the specials, every character (alone and as a
+    ``##`` continuation), then whole words by frequency (ties alphabetical).
+
+    Built here rather than with ``tokenizers``' WordPieceTrainer, whose vocabulary differs from
+    run to run for the same input (huggingface/tokenizers#1794): a run must be reproducible.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in counts for c in w})
+    vocab = dict.fromkeys([*SPECIALS, *chars, *(f"##{c}" for c in chars)])
+    for word, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(word)
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]",
+                                     max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
     _configure(tok, max_length)
     return tok
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import attrs
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from mmfw.contracts import LossOutput
 from mmfw.options import option
-from torch import Tensor, nn
 
 from .masks import positives
 from .temperature import Temperature

@@ -16,3 +16,9 @@ def positives(bi: int, bt: int, image_ids: Tensor | None, text_ids: Tensor | Non
     if image_ids is None or text_ids is None:
         raise ValueError("pass both image_ids and text_ids, or neither")
     return image_ids.to(device).view(-1, 1) == text_ids.to(device).view(1, -1)
+
+
+def pair_indices(pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Row and column indices of every positive pair in a ``[Bi, Bt]`` mask (row-major order)."""
+    i, j = pos.nonzero(as_tuple=True)
+    return i, j

@@ -1,0 +1,90 @@
+"""InfoNCE with mined hard or semi-hard negatives up-weighted (Schroff et al. 2015; Faghri et al.
+2018)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmfw.contracts import LossOutput
+from mmfw.options import option
+
+from .infonce import soft_cross_entropy
+from .masks import positives
+from .temperature import Temperature
+
+
+@attrs.frozen
+class HardNegativeOptions:
+    mining: Literal["hard", "semi-hard"] = option("hard", doc="which negatives are up-weighted")
+    factor: float = option(2.0, doc="weight on a mined negative's exp(logit) (adds log factor)",
+                           validator=attrs.validators.gt(0))
+    margin: float = option(0.2, doc="cosine margin of the mining rule",
+                           validator=attrs.validators.ge(0))
+    top_k: int = option(0, doc="hard: mine the k most similar negatives (0 = the margin rule)",
+                        validator=attrs.validators.ge(0))
+    temperature: float = option(0.07, doc="initial tau: cosine similarity is divided by it",
+                                validator=attrs.validators.gt(0))
+    learn_temperature: bool = option(False, doc="learn tau (as CLIP's logit_scale)")
+    max_scale: float = option(100.0, doc="clamp on 1/tau", validator=attrs.validators.gt(1))
+
+
+def mine(sim: Tensor, pos: Tensor, o: HardNegativeOptions) -> Tensor:
+    """Bool mask of mined negatives per row of cosine similarities ``sim`` (no gradient)."""
+    sim = sim.detach()
+    neg = ~pos
+    s_pos = sim.masked_fill(neg, math.inf).amin(1, keepdim=True)  # +inf for rows w/o positive
+    if o.mining == "semi-hard":
+        mined = (sim > s_pos - o.margin) & (sim < s_pos)
+    elif o.top_k:
+        k = min(o.top_k, sim.shape[1])
+        top = sim.masked_fill(pos, -math.inf).topk(k, dim=1).indices
+        mined = torch.zeros_like(pos).scatter_(1, top, True)
+    else:
+        mined = sim > s_pos - o.margin
+    return mined & neg & pos.any(1, keepdim=True)
+
+
+class HardNegative(nn.Module):
+    r"""Symmetric InfoNCE whose mined negatives count ``factor`` times in the denominator.
+
+    With cosine similarities :math:`s_{ij}`, :math:`l_{ij} = s_{ij}/\tau` and the anchor's
+    *hardest positive* :math:`s^+_i = \min_{j\in P_i} s_{ij}`, a negative :math:`j\notin P_i`
+    is mined when
+
+    - ``hard``: :math:`s_{ij} > s^+_i - m` (ranked above, or within the margin of, a positive;
+      VSE++, Faghri et al. 2018), or, with ``top_k = k > 0``, it is one of the :math:`k` most
+      similar negatives of row :math:`i`;
+    - ``semi-hard``: :math:`s^+_i - m < s_{ij} < s^+_i` (FaceNet, Schroff et al. 2015).
+
+    Mined logits become :math:`l_{ij} + \log f` (i.e. :math:`f e^{l_{ij}}` in the softmax), then
+    ``infonce``'s multi-positive loss is taken both ways (columns mined on columns). Mining is
+    a selection, so no gradient flows through it. With ``factor = 1`` this is ``infonce``.
+    Terms ``i2t``, ``t2i``, and ``mined`` (mean mined negatives per anchor, both ways).
+    """
+
+    Options = HardNegativeOptions
+
+    def __init__(self, options: HardNegativeOptions | None = None) -> None:
+        super().__init__()
+        self.options = o = options or HardNegativeOptions()
+        self.temperature = Temperature(o.temperature, o.learn_temperature, o.max_scale)
+
+    def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
+                text_ids: Tensor | None = None, **context) -> LossOutput:
+        o, log_f = self.options, math.log(self.options.factor)
+        v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+        sim = v @ t.T
+        pos = positives(v.shape[0], t.shape[0], image_ids, text_ids, sim.device)
+        logits = self.temperature.scale() * sim
+        rows, cols = mine(sim, pos, o), mine(sim.T, pos.T, o)
+        i2t = soft_cross_entropy(logits + log_f * rows, pos)
+        t2i = soft_cross_entropy(logits.T + log_f * cols, pos.T)
+        mined = (rows.sum() + cols.sum()).float() / (sum(sim.shape))
+        return LossOutput((i2t + t2i) / 2, {"i2t": i2t.detach(), "t2i": t2i.detach(),
+                                            "mined": mined})

@@ -1,0 +1,125 @@
+"""MoCo-style memory queue of past embeddings and their ids (He et al. 2020)."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmfw.contracts import LossOutput
+from mmfw.options import option
+
+from .infonce import soft_cross_entropy
+from .masks import positives
+from .temperature import Temperature
+
+#: id stored for entries enqueued without ids: matches no anchor (reserved value)
+NO_ID = torch.iinfo(torch.int64).min
+#: a finite "minus infinity" for excluded candidates (``-inf`` would make ``0 * -inf = nan``)
+EXCLUDED = -1e9
+
+
+@attrs.frozen
+class MemoryQueueOptions:
+    size: int = option(4096, doc="entries kept per modality", validator=attrs.validators.gt(0))
+    temperature: float = option(0.07, doc="initial tau: cosine similarity is divided by it",
+                                validator=attrs.validators.gt(0))
+    learn_temperature: bool = option(True, doc="learn tau (as CLIP's logit_scale)")
+    dim: int = option(0, doc="embedding width; 0 = allocate the queue at the first batch",
+                      validator=attrs.validators.ge(0))
+    max_scale: float = option(100.0, doc="clamp on 1/tau", validator=attrs.validators.gt(1))
+
+
+class Queue(nn.Module):
+    """A FIFO ring of ``size`` detached rows and their ids; all state is in buffers.
+
+    ``feats`` is ``[size, dim]`` (``[0, 0]`` until the width is known), ``ptr`` the next slot,
+    ``count`` how many slots are filled. Loading a state dict resizes a lazy queue to match.
+    """
+
+    def __init__(self, size: int, dim: int = 0) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("feats", torch.zeros(size if dim else 0, dim))
+        self.register_buffer("ids", torch.full((size if dim else 0,), NO_ID, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("feats", "ids"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def contents(self) -> tuple[Tensor, Tensor]:
+        """Filled rows and ids, oldest first."""
+        n, p = int(self.count), int(self.ptr)
+        order = torch.arange(p - n, p, device=self.feats.device) % self.size
+        return self.feats[order], self.ids[order]
+
+    @torch.no_grad()
+    def push(self, x: Tensor, ids: Tensor) -> None:
+        if self.feats.shape[0] == 0:  # lazy: the width is known now
+            self.feats = x.new_zeros(self.size, x.shape[1])
+            self.ids = torch.full((self.size,), NO_ID, dtype=torch.long, device=x.device)
+        x, ids = x[-self.size:], ids[-self.size:]  # a batch larger than the queue keeps its tail
+        slots = (self.ptr + torch.arange(len(x), device=x.device)) % self.size
+        self.feats[slots] = x.detach().to(self.feats.dtype)
+        self.ids[slots] = ids.to(self.ids.device, torch.long)
+        self.ptr.copy_((self.ptr + len(x)) % self.size)
+        self.count.copy_((self.count + len(x)).clamp(max=self.size))
+
+
+class MemoryQueue(nn.Module):
+    r"""Symmetric InfoNCE against the batch plus queues of past embeddings (MoCo, He et al. 2020).
+
+    Each image's candidates are the batch texts and the queued texts :math:`Q^t`; each text's
+    the batch images and :math:`Q^v`. Batch positives are by id as in ``infonce``; a queued
+    entry with the anchor's id is *excluded* (neither positive nor negative):
+
+    .. math::
+        L_{i2t} = -\frac{1}{B_i}\sum_i \frac{1}{|P_i|}\sum_{j\in P_i}\log
+        \frac{e^{l_{ij}}}{\sum_k e^{l_{ik}} + \sum_{q\in Q^t,\ id_q \ne id^v_i} e^{l_{iq}}}
+
+    and :math:`L_{t2i}` likewise; :math:`L = \frac12(L_{i2t}+L_{t2i})`. After the loss, the
+    batch's normalised, detached rows and ids are enqueued (FIFO, training mode only). Rows
+    passed without ids are stored with a reserved id that matches nothing. With ``dim = 0``
+    the queues are allocated at the first batch; ``load_state_dict`` resizes them.
+    """
+
+    Options = MemoryQueueOptions
+
+    def __init__(self, options: MemoryQueueOptions | None = None) -> None:
+        super().__init__()
+        self.options = o = options or MemoryQueueOptions()
+        self.temperature = Temperature(o.temperature, o.learn_temperature, o.max_scale)
+        self.image_queue, self.text_queue = Queue(o.size, o.dim), Queue(o.size, o.dim)
+
+    def _side(self, anchors: Tensor, batch: Tensor, pos: Tensor, ids: Tensor | None,
+              queue: Queue) -> Tensor:
+        scale = self.temperature.scale()
+        logits = scale * anchors @ batch.T
+        feats, qids = queue.contents()
+        if len(feats):
+            qlogits = scale * anchors @ feats.to(anchors.dtype).T
+            if ids is not None:
+                qlogits = qlogits.masked_fill(ids.view(-1, 1) == qids.view(1, -1), EXCLUDED)
+            logits = torch.cat([logits, qlogits], 1)
+            pos = torch.cat([pos, pos.new_zeros(len(anchors), len(feats))], 1)
+        return soft_cross_entropy(logits, pos)
+
+    def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
+                text_ids: Tensor | None = None, **context) -> LossOutput:
+        v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+        pos = positives(v.shape[0], t.shape[0], image_ids, text_ids, v.device)
+        iid = None if image_ids is None else image_ids.to(v.device, torch.long)
+        tid = None if text_ids is None else text_ids.to(v.device, torch.long)
+        i2t = self._side(v, t, pos, iid, self.text_queue)
+        t2i = self._side(t, v, pos.T, tid, self.image_queue)
+        if self.training:
+            none = torch.full((1,), NO_ID, dtype=torch.long, device=v.device)
+            self.image_queue.push(v, none.expand(len(v)) if iid is None else iid)
+            self.text_queue.push(t, none.expand(len(t)) if tid is None else tid)
+        return LossOutput((i2t + t2i) / 2, {"i2t": i2t.detach(), "t2i": t2i.detach()})

@@ -1,0 +1,71 @@
+"""NT-Xent over the 2N image and text views (SimCLR, Chen et al. 2020)."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmfw.contracts import LossOutput
+from mmfw.options import option
+
+from .infonce import soft_cross_entropy
+from .masks import positives
+from .temperature import Temperature
+
+#: a finite "minus infinity" for the self-similarity (``-inf`` would make ``0 * -inf = nan``)
+EXCLUDED = -1e9
+
+
+@attrs.frozen
+class NTXentOptions:
+    temperature: float = option(0.5, doc="tau: cosine similarity is divided by it",
+                                validator=attrs.validators.gt(0))
+    learn_temperature: bool = option(False, doc="learn tau")
+    max_scale: float = option(100.0, doc="clamp on 1/tau", validator=attrs.validators.gt(1))
+
+
+class NTXent(nn.Module):
+    r"""Normalized temperature-scaled cross entropy (SimCLR, Chen et al. 2020, eq. 1).
+
+    Stack :math:`z = [\hat v; \hat t]` (:math:`B_i + B_t` rows), :math:`l_{ab} = z_a^\top z_b/\tau`.
+    Each row's candidates are all other rows, both modalities (:math:`2N-1` with unique ids):
+
+    .. math::
+        L = -\frac{1}{|A|}\sum_{a\in A} \frac{1}{|P_a|}\sum_{p\in P_a}
+            \log\frac{e^{l_{ap}}}{\sum_{b\ne a} e^{l_{ab}}}
+
+    With no ids (or unique ids) :math:`P_a` is the one matching row of the other modality, the
+    paper's loss exactly. With repeated ids, :math:`P_a` is every other row with :math:`a`'s id
+    (same-modality ones too: they are views of the same item, never negatives). :math:`A` are
+    the rows with a positive. Terms ``image`` / ``text``: the mean over each modality's anchors.
+    """
+
+    Options = NTXentOptions
+
+    def __init__(self, options: NTXentOptions | None = None) -> None:
+        super().__init__()
+        self.options = o = options or NTXentOptions()
+        self.temperature = Temperature(o.temperature, o.learn_temperature, o.max_scale)
+
+    def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
+                text_ids: Tensor | None = None, **context) -> LossOutput:
+        v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+        bi, bt = v.shape[0], t.shape[0]
+        z = torch.cat([v, t])
+        cross = positives(bi, bt, image_ids, text_ids, z.device)
+        if image_ids is None:
+            same_v = same_t = torch.zeros(bi, bi, dtype=torch.bool, device=z.device)
+        else:
+            iid, tid = image_ids.to(z.device).view(-1), text_ids.to(z.device).view(-1)
+            same_v, same_t = iid[:, None] == iid[None], tid[:, None] == tid[None]
+        pos = torch.cat([torch.cat([same_v, cross], 1), torch.cat([cross.T, same_t], 1)])
+        self_mask = torch.eye(bi + bt, dtype=torch.bool, device=z.device)
+        pos = pos & ~self_mask
+        logits = (self.temperature.scale() * z @ z.T).masked_fill(self_mask, EXCLUDED)
+        img, txt = soft_cross_entropy(logits[:bi], pos[:bi]), soft_cross_entropy(logits[bi:],
+                                                                               pos[bi:])
+        ni, nt = pos[:bi].any(1).sum(), pos[bi:].any(1).sum()  # the mean over all anchors:
+        loss = (img * ni + txt * nt) / (ni + nt).clamp_min(1)
+        return LossOutput(loss, {"image": img.detach(), "text": txt.detach()})

@@ -1,0 +1,61 @@
+"""SigLIP: pairwise sigmoid loss (Zhai et al. 2023)."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmfw.contracts import LossOutput
+from mmfw.options import option
+
+from .masks import positives
+from .temperature import Temperature
+
+
+@attrs.frozen
+class SigLIPOptions:
+    temperature: float = option(0.1, doc="initial tau: cosine similarity is divided by it "
+                                "(the paper's logit scale 10)", validator=attrs.validators.gt(0))
+    learn_temperature: bool = option(True, doc="learn tau (in log space, as the paper's t')")
+    bias: float = option(-10.0, doc="initial logit bias b")
+    learn_bias: bool = option(True, doc="learn the bias")
+    max_scale: float = option(100.0, doc="clamp on 1/tau", validator=attrs.validators.gt(1))
+
+
+class SigLIP(nn.Module):
+    r"""Sigmoid loss for language-image pre-training (SigLIP, Zhai et al. 2023, eq. 1).
+
+    With :math:`l_{ij} = \hat v_i^\top \hat t_j / \tau + b` and :math:`z_{ij} = +1` if
+    :math:`id^v_i = id^t_j` else :math:`-1`:
+
+    .. math::
+        L = -\frac{1}{B_i} \sum_i \sum_j \log \sigma(z_{ij}\, l_{ij})
+
+    Every pair is an independent binary problem, so there is no softmax over the batch and
+    repeated ids simply give more +1 labels. Terms ``pos`` / ``neg`` split the sum by label.
+    """
+
+    Options = SigLIPOptions
+
+    def __init__(self, options: SigLIPOptions | None = None) -> None:
+        super().__init__()
+        self.options = o = options or SigLIPOptions()
+        self.temperature = Temperature(o.temperature, o.learn_temperature, o.max_scale)
+        bias = torch.tensor(float(o.bias))
+        if o.learn_bias:
+            self.bias = nn.Parameter(bias)
+        else:
+            self.register_buffer("bias", bias)
+
+    def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
+                text_ids: Tensor | None = None, **context) -> LossOutput:
+        v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+        logits = self.temperature.scale() * v @ t.T + self.bias
+        pos = positives(v.shape[0], t.shape[0], image_ids, text_ids, logits.device)
+        nll = -F.logsigmoid(torch.where(pos, logits, -logits))
+        n = v.shape[0]
+        pos_part, neg_part = nll.mul(pos).sum() / n, nll.mul(~pos).sum() / n
+        return LossOutput(pos_part + neg_part, {"pos": pos_part.detach(),
+                                                "neg": neg_part.detach()})

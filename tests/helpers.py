@@ -1,0 +1,99 @@
+"""Helpers shared by the tests: the tiny recipe and ways to run the CLI."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner, Result
+
+#: environment for `python -m mmfw` subprocesses: offline and single-threaded
+SUBPROCESS_ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+#: the smallest recipe that trains end to end (2 epochs of 20 steps on the synthetic set)
+TINY: dict[str, Any] = {
+    "run": {"name": "tiny", "seed": 0, "epochs": 2, "progress": False},
+    "backend": {"name": "cpu", "threads": 1},
+    "data": {
+        "dataset": "synthetic",
+        "train_images": 64,
+        "val_images": 16,
+        "test_images": 32,
+        "image_size": 16,
+    },
+    "sampler": {"name": "random", "batch_size": 16},
+    "model": {
+        "embed_dim": 32,
+        "vision": {
+            "name": "scratch-vision",
+            "image_size": 16,
+            "patch_size": 8,
+            "width": 32,
+            "depth": 1,
+            "heads": 2,
+        },
+        "text": {"name": "scratch-text", "width": 32, "depth": 1, "heads": 2, "vocab_size": 200},
+    },
+    "loss": {"name": "infonce"},
+    "schedule": {"name": "warmup-cosine", "warmup_steps": 5},
+}
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def tiny_recipe(output_dir: Path | str, name: str = "tiny", **sections: Any) -> dict[str, Any]:
+    """TINY with its run directory under ``output_dir``; keyword sections are merged in."""
+    data = deep_merge(TINY, {"run": {"name": name, "output_dir": str(output_dir)}})
+    return deep_merge(data, sections)
+
+
+def cli(*args: str | Path) -> Result:
+    """Invoke the click app in-process (stdout and stderr both end up in ``result.output``)."""
+    from mmfw.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def run_module(*args: str | Path, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``python -m mmfw ARGS`` in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "mmfw", *[str(a) for a in args]],
+        cwd=cwd,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_user_error(result: Result, *fragments: str, code: int = 2) -> str:
+    """A user mistake: the promised exit code, an ``error:`` line, the fragments, no traceback."""
+    out = result.output
+    assert result.exit_code == code, out
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "error:" in out
+    assert "Traceback" not in out
+    for fragment in fragments:
+        assert fragment in out, f"{fragment!r} not in {out!r}"
+    return out
+
