@@ -21,7 +21,8 @@ def training_plot(metrics_jsonl: Path, out: Path) -> Path | None:
     """Loss by term, learning rate, and recall over evaluations, side by side."""
     rows = read_rows(metrics_jsonl)
     train = [r for r in rows if r.get("type") == "train"]
-    evals = [r for r in rows if r.get("type") == "eval"]
+    evals = [r for r in rows if r.get("type") == "eval" and not r.get("final")]
+    final = [r for r in rows if r.get("type") == "eval" and r.get("final")]
     if not train:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -33,11 +34,14 @@ def training_plot(metrics_jsonl: Path, out: Path) -> Path | None:
     axes[0].legend()
     axes[1].plot(steps, [r["lr"] for r in train])
     axes[1].set(title="learning rate", xlabel="step")
-    if evals:
-        es = [r["step"] for r in evals]
-        for key in ("i2t_R@1", "t2i_R@1", "i2t_R@10", "t2i_R@10"):
-            axes[2].plot(es, [r[key] for r in evals], marker="o", label=key)
-        axes[2].legend()
+    for key in ("i2t_R@1", "t2i_R@1", "i2t_R@10", "t2i_R@10"):
+        (line,) = axes[2].plot([r["step"] for r in evals], [r[key] for r in evals], marker="o",
+                               label=f"{key} ({evals[0]['split']})" if evals else key)
+        for r in final:  # the final evaluation is on another split: a marker, not the line
+            axes[2].plot([r["step"]], [r[key]], marker="*", ms=12, ls="",
+                         color=line.get_color(), label=f"{key} ({r['split']}, final)")
+    if evals or final:
+        axes[2].legend(fontsize=7)
     axes[2].set(title="retrieval (%)", xlabel="step")
     for ax in axes:
         ax.grid(alpha=0.3)
