@@ -90,7 +90,12 @@ class DatasetSource(Protocol):
 
 @runtime_checkable
 class Sampler(Protocol):
-    """Yields lists of pair indices. ``match_ids[i]`` is the id pair ``i`` was batched with."""
+    """Yields lists of pair indices. ``match_ids[i]`` is the id pair ``i`` was batched with.
+
+    Optional mid-epoch resume: ``state_dict()`` / ``load_state_dict(state)``. The engine saves
+    ``state_dict()`` with ``epoch`` and ``position`` (batches trained in that epoch) set by
+    itself, since DataLoader workers read the sampler ahead of training.
+    """
 
     match_ids: Sequence[int]
 

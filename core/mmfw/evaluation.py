@@ -30,21 +30,21 @@ def recall_at_k(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
     n, m, kmax = v.shape[0], t.shape[0], max(ks)
     out: dict[str, float] = {}
     # image -> text: is any of the top-k captions owned by the query image?
-    hits_i2t = torch.zeros(len(ks), device=v.device)
+    hits_i2t = torch.zeros(len(ks), dtype=torch.long, device=v.device)
     for s in range(0, n, chunk):
         top = (v[s:s + chunk] @ t.T).topk(min(kmax, m), dim=1).indices  # [b, K]
         own = owner[top] == torch.arange(s, min(s + chunk, n), device=v.device)[:, None]
         for i, k in enumerate(ks):
             hits_i2t[i] += own[:, :k].any(1).sum()
     # text -> image: is the caption's image in its top-k images?
-    hits_t2i = torch.zeros(len(ks), device=v.device)
+    hits_t2i = torch.zeros(len(ks), dtype=torch.long, device=v.device)
     for s in range(0, m, chunk):
         top = (t[s:s + chunk] @ v.T).topk(min(kmax, n), dim=1).indices
         own = top == owner[s:s + chunk, None]
         for i, k in enumerate(ks):
             hits_t2i[i] += own[:, :k].any(1).sum()
     for i, k in enumerate(ks):
-        out[f"i2t_R@{k}"] = 100.0 * int(hits_i2t[i]) / n  # exact counts, float64 division
+        out[f"i2t_R@{k}"] = 100.0 * int(hits_i2t[i]) / n  # integer counts, float64 division
     for i, k in enumerate(ks):
         out[f"t2i_R@{k}"] = 100.0 * int(hits_t2i[i]) / m
     out["rsum"] = sum(out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks)

@@ -20,5 +20,4 @@ def positives(bi: int, bt: int, image_ids: Tensor | None, text_ids: Tensor | Non
 
 def pair_indices(pos: Tensor) -> tuple[Tensor, Tensor]:
     """Row and column indices of every positive pair in a ``[Bi, Bt]`` mask (row-major order)."""
-    i, j = pos.nonzero(as_tuple=True)
-    return i, j
+    return pos.nonzero(as_tuple=True)
