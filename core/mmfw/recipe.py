@@ -65,6 +65,21 @@ class EvalConfig:
 
 
 @attrs.frozen
+class DiagnosticsConfig:
+    """Collapse diagnostics computed while training (see ``mmfw.diagnostics``)."""
+
+    every: int = option(50, doc="optimizer steps between diagnostics (0: off)", validator=_ge0)
+
+
+@attrs.frozen
+class EnsembleConfig:
+    """Train one model per seed and evaluate their averaged similarity (seed 000 §5)."""
+
+    seeds: tuple[int, ...] = option((), doc="one run per seed (empty: a single run with "
+                                    "run.seed)")
+
+
+@attrs.frozen
 class Plugin:
     """A plugin section: the component's name and its validated options."""
 
@@ -111,6 +126,8 @@ class Recipe:
     optim: OptimConfig
     schedule: Plugin
     eval: EvalConfig
+    diagnostics: DiagnosticsConfig = attrs.field(factory=DiagnosticsConfig)
+    ensemble: EnsembleConfig = attrs.field(factory=EnsembleConfig)
     path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,6 +147,8 @@ class Recipe:
             "optim": attrs.asdict(self.optim, value_serializer=_plain),
             "schedule": _section(self.schedule),
             "eval": attrs.asdict(self.eval, value_serializer=_plain),
+            "diagnostics": attrs.asdict(self.diagnostics, value_serializer=_plain),
+            "ensemble": attrs.asdict(self.ensemble, value_serializer=_plain),
         }
 
     def to_toml(self) -> str:
@@ -166,7 +185,8 @@ def _section(p: Plugin, key: str = "name", extra: Mapping[str, Any] | None = Non
 # ------------------------------------------------------------------------------------------
 # loading
 
-TOP_LEVEL = ("run", "backend", "data", "sampler", "model", "loss", "optim", "schedule", "eval")
+TOP_LEVEL = ("run", "backend", "data", "sampler", "model", "loss", "optim", "schedule", "eval",
+             "diagnostics", "ensemble")
 
 #: section path -> (plugin kind, key naming the plugin, default plugin or None if required)
 PLUGIN_SECTIONS: dict[str, tuple[str, str, str | None]] = {
@@ -316,5 +336,7 @@ def from_dict(data: Mapping[str, Any], file: str | None = None) -> Recipe:
         optim=_section_build(OptimConfig, "optim", _table(data, "optim")),
         schedule=_plugin("schedule", _table(data, "schedule"))[0],
         eval=_section_build(EvalConfig, "eval", _table(data, "eval")),
+        diagnostics=_section_build(DiagnosticsConfig, "diagnostics", _table(data, "diagnostics")),
+        ensemble=_section_build(EnsembleConfig, "ensemble", _table(data, "ensemble")),
         path=file,
     )

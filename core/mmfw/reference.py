@@ -10,6 +10,8 @@ from .options import describe
 from .recipe import (
     PLUGIN_SECTIONS,
     DataConfig,
+    DiagnosticsConfig,
+    EnsembleConfig,
     EvalConfig,
     ModelConfig,
     OptimConfig,
@@ -25,6 +27,8 @@ _CORE = {
     "model": ModelConfig,
     "optim": OptimConfig,
     "eval": EvalConfig,
+    "diagnostics": DiagnosticsConfig,
+    "ensemble": EnsembleConfig,
 }
 
 
