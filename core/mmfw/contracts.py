@@ -52,6 +52,11 @@ class Encoder(Protocol):
     encoders ``tokenize(list[str]) -> dict[str, Tensor]`` (padding, truncation included).
     Optional: ``prepare(train_texts)`` (fit a tokenizer before training), ``save_assets(dir)`` /
     ``load_assets(dir)`` (files such as a tokenizer that live in the run directory).
+
+    Optional: ``named_groups() -> dict[str, list[str]]``: parameter names (as in
+    ``named_parameters()`` of the encoder) by group, ordered from input to output:
+    ``"embeddings"``, ``"layers.0"`` ... ``"layers.N-1"``, ``"head"`` (final norm / pooler).
+    Freezing patterns, layer-wise LR decay and progressive unfreezing are expressed on these.
     """
 
     dim: int

@@ -247,17 +247,22 @@ class Trainer:
         clip = self.recipe.optim.grad_clip
         if self.scaler is not None:
             self.scaler.scale(out.loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            self._after_backward()
             if clip:
-                self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self._params(), clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             out.loss.backward()
+            self._after_backward()
             if clip:
                 nn.utils.clip_grad_norm_(self._params(), clip)
             self.optimizer.step()
         return out, img.detach(), txt.detach()
+
+    def _after_backward(self) -> None:
+        """Gradients are final and unscaled here, not yet clipped: diagnostics read them."""
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
