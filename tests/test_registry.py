@@ -251,3 +251,22 @@ def test_plugin_returning_a_non_dict_is_reported(registered: list[object]) -> No
         mmfw.available("loss")
     assert "broken" in str(info.value)
     assert "mmfw_losses" in str(info.value)
+
+
+def test_a_misspelt_hook_name_is_refused_with_the_known_hooks() -> None:
+    import types
+
+    from mmfw.errors import PluginError
+    from mmfw.hookspecs import hookimpl
+    from mmfw.registry import available, register
+
+    mod = types.ModuleType("typo_plugin")
+
+    @hookimpl
+    def mmfw_loss():  # should be mmfw_losses
+        return {}
+
+    mod.mmfw_loss = mmfw_loss
+    with pytest.raises(PluginError, match="mmfw_losses"):
+        register(mod, name="typo-plugin")
+    assert "infonce" in available("loss")  # the manager is still usable

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .contracts import Split
+from .contracts import Problem, Split
+from .errors import DataError
+
+
+class Row(NamedTuple):
+    """One (image, caption) pair on its way to a batch.
+
+    ``pair`` indexes the sampler's ``match_ids`` (-1 for streams: then ``item`` is the match
+    id). A row whose image could not be loaded has ``image`` None and says why in ``problem``;
+    the collate leaves it out and the training loader applies ``data.on_bad`` to it.
+    """
+
+    image: Any
+    caption: str
+    pair: int
+    item: int
+    problem: Problem | None = None
+    where: str = ""
 
 
 class Pairs(Dataset):
@@ -29,26 +47,44 @@ class Pairs(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, k: int) -> tuple[Any, str, int, int]:
-        """``(image, caption, pair index, item index)``."""
+    def __getitem__(self, k: int) -> Row:
         i, c = self.index[k]
-        item = self.split[i]
-        return item.image, item.captions[c], k, i
+        try:
+            item = self.split[i]
+        except DataError as err:  # decoding failed in this worker: reported, never dropped
+            where, _, why = str(err).partition(": ")
+            return Row(None, self.split.captions(i)[c], k, i, Problem(where, why or where, i))
+        return Row(item.image, item.captions[c], k, i)
 
     def texts(self) -> list[str]:
         return [self.split.captions(i)[c] for i, c in self.index]
 
+    def groups(self) -> list[str | None] | None:
+        """The group key of each pair's image, or None when the split has no groups."""
+        group = getattr(self.split, "group", None)
+        if not callable(group):
+            return None
+        per_item = [group(i) for i in range(len(self.split))]
+        if all(g is None for g in per_item):
+            return None
+        return [per_item[i] for i in self.items]
+
 
 class Batch:
     """A training batch. Images are de-duplicated: ``image_ids`` has one entry per distinct
-    image, ``text_ids`` one per caption; rows and columns with equal ids are positives."""
+    image, ``text_ids`` one per caption; rows and columns with equal ids are positives.
 
-    __slots__ = ("image_ids", "pixels", "text_ids", "tokens")
+    ``problems``: rows left out because their image failed to load. ``mix``: set by
+    :class:`mmfw.augment.Mixer` when the images were mixed (MixUp/CutMix).
+    """
+
+    __slots__ = ("image_ids", "mix", "pixels", "problems", "text_ids", "tokens")
 
     def __init__(self, pixels: Tensor, tokens: dict[str, Tensor], image_ids: Tensor,
-                 text_ids: Tensor) -> None:
+                 text_ids: Tensor, *, problems: Sequence[Problem] = (), mix: Any = None) -> None:
         self.pixels, self.tokens = pixels, tokens
         self.image_ids, self.text_ids = image_ids, text_ids
+        self.problems, self.mix = tuple(problems), mix
 
     def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
@@ -57,29 +93,56 @@ class Batch:
             {k: v.to(device, non_blocking=nb) for k, v in self.tokens.items()},
             self.image_ids.to(device, non_blocking=nb),
             self.text_ids.to(device, non_blocking=nb),
+            problems=self.problems, mix=self.mix,
         )
 
     def __len__(self) -> int:
         return int(self.text_ids.shape[0])
 
 
+#: ``augment(images, captions, owner, seed) -> (images, captions)``; ``owner[j]`` is the
+#: index in ``images`` of caption ``j``'s image (see :class:`mmfw.augment.TrainAugment`)
+Augment = Callable[[list[Any], list[str], list[int], int], tuple[list[Any], list[str]]]
+
+
 class Collate:
     """Preprocess images with the vision encoder, tokenize captions with the text encoder;
-    ids come from the sampler's ``match_ids`` (indexed by pair)."""
+    ids come from the sampler's ``match_ids`` (indexed by pair), or are the rows' ``item``
+    when ``match_ids`` is None (streams). ``augment`` (training only) changes images and
+    captions first, seeded by the batch's pairs so a batch augments the same way in any worker.
+    """
 
-    def __init__(self, preprocess: Any, tokenize: Any, match_ids: Sequence[int]) -> None:
+    def __init__(self, preprocess: Any, tokenize: Any, match_ids: Sequence[int] | None,
+                 augment: Augment | None = None) -> None:
         self.preprocess, self.tokenize, self.match_ids = preprocess, tokenize, match_ids
+        self.augment = augment
 
-    def __call__(self, rows: Sequence[tuple[Any, str, int, int]]) -> Batch:
-        first: dict[int, int] = {}  # item index -> its match id
-        pixels = []
-        for image, _caption, k, item in rows:
+    def _id(self, row: Sequence[Any]) -> int:
+        return int(row[3]) if self.match_ids is None or row[2] < 0 else int(
+            self.match_ids[row[2]])
+
+    def __call__(self, rows: Sequence[Sequence[Any]]) -> Batch:
+        problems = [r[4] for r in rows if len(r) > 4 and r[4] is not None]
+        rows = [r for r in rows if len(r) <= 4 or r[4] is None]
+        first: dict[int, int] = {}  # item -> position among the batch's images
+        images, image_ids, owner = [], [], []
+        for image, _caption, _k, item, *_ in rows:
             if item not in first:
-                first[item] = int(self.match_ids[k])
-                pixels.append(self.preprocess(image))
+                first[item] = len(images)
+                images.append(image)
+                image_ids.append(self._id((image, _caption, _k, item)))
+            owner.append(first[item])
+        captions = [r[1] for r in rows]
+        if not rows:
+            empty = torch.empty(0, dtype=torch.long)
+            return Batch(torch.empty(0), {}, empty, empty, problems=problems)
+        if self.augment is not None:
+            key = zlib.crc32(repr([(r[2], r[3]) for r in rows]).encode())
+            images, captions = self.augment(images, captions, owner, key)
         return Batch(
-            torch.stack(pixels),
-            self.tokenize([r[1] for r in rows]),
-            torch.tensor(list(first.values()), dtype=torch.long),
-            torch.tensor([int(self.match_ids[r[2]]) for r in rows], dtype=torch.long),
+            torch.stack([self.preprocess(image) for image in images]),
+            self.tokenize(captions),
+            torch.tensor(image_ids, dtype=torch.long),
+            torch.tensor([self._id(r) for r in rows], dtype=torch.long),
+            problems=problems,
         )

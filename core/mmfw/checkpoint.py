@@ -2,7 +2,8 @@
 
 A checkpoint ``step-00000123`` is three files; the ``.json`` is written last and is the commit
 marker, so a run killed while saving leaves either a complete checkpoint or none. Resuming picks
-the newest step whose ``.json`` exists.
+the newest step whose ``.json`` exists. The file ``best`` names the checkpoint with the best val
+rsum; pruning to the newest ``keep`` never deletes it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 _STEP = re.compile(r"step-(\d{8})\.json$")
+#: names the checkpoint with the best val rsum (JSON; no .json suffix, so no step is misread)
+BEST = "best"
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -102,8 +105,13 @@ def _tuples(x: Any) -> Any:
 
 
 def save(directory: Path, step: int, *, model: nn.Module, loss: nn.Module,
-         optimizer: torch.optim.Optimizer | None, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` and delete all but the newest ``keep``."""
+         optimizer: torch.optim.Optimizer | None, state: dict[str, Any], keep: int = 2,
+         protect: Iterable[int] = (), scaler: Any = None) -> Path:
+    """Write checkpoint ``step`` and delete all but the newest ``keep`` and ``protect``.
+
+    ``loss`` holds every loss of the run (their parameters and state, e.g. a memory queue);
+    ``scaler`` is a GradScaler whose state goes in the JSON.
+    """
     stem = directory / f"step-{step:08d}"
     weights = {f"model.{k}": v for k, v in _tensors(model).items()}
     weights.update({f"loss.{k}": v for k, v in _tensors(loss).items()})
@@ -115,10 +123,31 @@ def save(directory: Path, step: int, *, model: nn.Module, loss: nn.Module,
         atomic_write(Path(f"{stem}.train.safetensors"),
                      lambda p: save_file({**opt_tensors, **rng_tensors}, p))
         extra = {"optimizer": opt_plain, "rng": rng_plain}
+        if scaler is not None:
+            extra["scaler"] = scaler.state_dict()
     atomic_text(stem.with_suffix(".json"), json.dumps({"step": step, **state, **extra}))
+    keep_steps = set(protect)
+    best_step = best(directory)
+    if best_step is not None:
+        keep_steps.add(best_step)
     for old in list_steps(directory)[:-keep] if keep else []:
-        remove(directory, old)
+        if old not in keep_steps:
+            remove(directory, old)
     return stem
+
+
+def mark_best(directory: Path, step: int, metrics: dict[str, float]) -> None:
+    """Record checkpoint ``step`` as the best (written atomically; the checkpoint must exist)."""
+    atomic_text(directory / BEST, json.dumps({"step": step, **metrics}))
+
+
+def best(directory: Path) -> int | None:
+    """The best checkpoint's step, if one is recorded and still on disk."""
+    path = directory / BEST
+    if not path.is_file():
+        return None
+    step = int(json.loads(path.read_text())["step"])
+    return step if (directory / f"step-{step:08d}.json").is_file() else None
 
 
 def list_steps(directory: Path) -> list[int]:
@@ -150,8 +179,10 @@ def load_state(directory: Path, step: int) -> dict[str, Any]:
 
 
 def load_training(directory: Path, step: int, optimizer: torch.optim.Optimizer,
-                  state: dict[str, Any]) -> None:
-    """Restore optimizer and RNG states saved with ``save``."""
+                  state: dict[str, Any], scaler: Any = None) -> None:
+    """Restore optimizer, GradScaler and RNG states saved with ``save``."""
     tensors = load_file(str(directory / f"step-{step:08d}.train.safetensors"))
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     set_rng_state(tensors, state["rng"])

@@ -73,13 +73,21 @@ def check(recipe: Path, overrides: tuple[str, ...]) -> None:
 @click.argument("kind", required=False)
 @click.option("--filter", "pattern", default=None, help="Wildcard on names, e.g. '*contrast*'.")
 @click.option("--options", "show_options", is_flag=True, help="Show each component's options.")
+@click.option("--models", "show_models", is_flag=True,
+              help="With KIND encoder: known pretrained models (true widths) and size presets.")
 @_friendly
-def list_(kind: str | None, pattern: str | None, show_options: bool) -> None:
+def list_(kind: str | None, pattern: str | None, show_options: bool, show_models: bool
+          ) -> None:
     """List installed plugins (all kinds, or one KIND: encoder, loss, ...)."""
     from .options import describe
     from .registry import KINDS, options_class, provider
     from .registry import available as avail
 
+    if show_models:
+        if kind not in (None, "encoder"):
+            raise click.UsageError("--models lists encoder models: mmfw list encoder --models")
+        _list_models(pattern)
+        return
     kinds = [kind] if kind else list(KINDS)
     for k in kinds:
         names = avail(k, pattern)
@@ -92,17 +100,77 @@ def list_(kind: str | None, pattern: str | None, show_options: bool) -> None:
                                f"{row['doc']}")
 
 
+def _list_models(pattern: str | None) -> None:
+    """The known-model table (``mmfw_models`` hook) and the size presets (``mmfw_presets``)."""
+    import fnmatch
+
+    from .registry import known_models, presets
+
+    rows = [r for r in known_models() if not pattern or fnmatch.fnmatch(r.name, pattern)]
+    click.secho(f"models ({len(rows)}): widths are the models' real output widths", bold=True)
+    click.echo(f"  {'name':<42} {'encoder':<12} {'modality':<8} {'width':>5} {'input':>9}  note")
+    for r in rows:
+        unit = "px" if r.modality == "image" else "tok"
+        click.echo(f"  {r.name:<42} {r.encoder:<12} {r.modality:<8} {r.width:>5} "
+                   f"{f'{r.input_size} {unit}':>9}  {r.note}")
+    table = presets()
+    click.secho(f"presets ({len(table)}): model.preset = \"<name>\"", bold=True)
+    for p in sorted(table.values(), key=lambda p: p.width):
+        click.echo(f"  {p.name:<8} {p.width:>5}  vision {p.vision.get('name')} "
+                   f"{p.vision.get('model', '')}  +  text {p.text.get('name')} "
+                   f"{p.text.get('model', '')}  ({p.note})")
+
+
 @main.command("eval")
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True,
+                type=click.Path(file_okay=False, path_type=Path))
 @click.option("--split", default=None, help="Split to evaluate (default: the recipe's).")
 @click.option("--data", "data", multiple=True, metavar="KEY=VALUE",
               help="Override a [data] key of the run's recipe, e.g. --data test_images=5000.")
 @click.option("--batch-size", type=int, default=None)
 @_friendly
-def eval_(run_dir: Path, split: str | None, data: tuple[str, ...], batch_size: int | None
-          ) -> None:
-    """Evaluate the model in RUN_DIR: Recall@1/5/10 both ways and rsum, as JSON."""
+def eval_(run_dirs: tuple[Path, ...], split: str | None, data: tuple[str, ...],
+          batch_size: int | None) -> None:
+    """Evaluate the model in a run directory: Recall@1/5/10 both ways and rsum, as JSON.
+
+    Several RUN_DIRS (or one ensemble directory) are evaluated as an ensemble: their cosine
+    similarities are averaged, on the first run's data.
+    """
     from .runs import evaluate
 
-    click.echo(json.dumps(evaluate(run_dir, split=split, data=data, batch_size=batch_size),
+    target = run_dirs[0] if len(run_dirs) == 1 else list(run_dirs)
+    click.echo(json.dumps(evaluate(target, split=split, data=data, batch_size=batch_size),
                           indent=2))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the page (default: RUN_DIR/report.html).")
+@_friendly
+def report(run_dir: Path, out: Path | None) -> None:
+    """Write a self-contained HTML report of RUN_DIR: recipe, metrics, diagnostics, plots."""
+    from .report import write_report
+
+    click.echo(str(write_report(run_dir, out)))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--grid", "grid", multiple=True, required=True, metavar="KEY=V1,V2,...",
+              help="A recipe key and its values (repeatable; every combination runs).")
+@_set
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Settings trained at once, each in its own `python -m mmfw run` process.")
+@click.option("--resume", is_flag=True, help="Keep settings that already finished; rerun the "
+              "rest.")
+@click.option("--overwrite", is_flag=True, help="Rerun every setting, deleting its run directory.")
+@_friendly
+def sweep(recipe: Path, grid: tuple[str, ...], overrides: tuple[str, ...], jobs: int,
+          resume: bool, overwrite: bool) -> None:
+    """Train RECIPE once per combination of --grid values; compare them in one table and plot."""
+    from .sweep import plan_sweep, run_sweep
+
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    run_sweep(plan_sweep(recipe, grid, overrides), jobs=jobs, resume=resume, overwrite=overwrite)

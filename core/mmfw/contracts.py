@@ -73,9 +73,26 @@ class Item(NamedTuple):
     image_id: int
 
 
+class Problem(NamedTuple):
+    """One piece of bad data: where it is (a file path, or ``file:row``), what is wrong, and
+    the index of the split item it makes unusable (None when no item was made from it)."""
+
+    where: str
+    reason: str
+    index: int | None = None
+
+
 @runtime_checkable
 class Split(Protocol):
-    """A map-style dataset of ``Item``. ``captions(i)`` must not decode the image."""
+    """A map-style dataset of ``Item``. ``captions(i)`` must not decode the image.
+
+    An item whose image cannot be loaded raises ``mmfw.errors.DataError`` naming the file.
+    Optional: ``problems(full=False) -> list[Problem]``: the bad data found while reading the
+    annotations (rows never made into items) plus a scan of every image (exists, non-empty,
+    readable header; ``full`` decodes them all); the engine applies ``data.on_bad`` to them
+    before training. ``group(i) -> str | None``: a group key (images sharing one are
+    positives of each other for the ``semantic-groups`` sampler with ``by = "group"``).
+    """
 
     def __len__(self) -> int: ...
 
@@ -86,7 +103,12 @@ class Split(Protocol):
 
 @runtime_checkable
 class DatasetSource(Protocol):
-    """A dataset plugin: named splits (``train``, ``val``, ``test``)."""
+    """A dataset plugin: named splits (``train``, ``val``, ``test``).
+
+    Optional: ``stream(name, *, batch_size, seed, drop_last, rank, world_size, exclude)``: the
+    split as a streaming source (an ``IterableDataset`` of row batches that also acts as its own
+    sampler); the engine trains from it instead of from ``split(name)`` (see docs/data.md).
+    """
 
     splits: Sequence[str]
 
@@ -96,6 +118,10 @@ class DatasetSource(Protocol):
 @runtime_checkable
 class Sampler(Protocol):
     """Yields lists of pair indices. ``match_ids[i]`` is the id pair ``i`` was batched with.
+
+    Built with ``match_ids``, ``batch_size``, ``seed``, ``drop_last``, ``texts`` (caption of
+    each pair), ``groups`` (group key of each pair, or None), ``rank`` and ``world_size``
+    (each rank iterates its own, equally long share of every epoch).
 
     Optional mid-epoch resume: ``state_dict()`` / ``load_state_dict(state)``. The engine saves
     ``state_dict()`` with ``epoch`` and ``position`` (batches trained in that epoch) set by
@@ -113,7 +139,14 @@ class Sampler(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """Where and how tensors are computed."""
+    """Where and how tensors are computed.
+
+    Optional: ``prepare(model)`` (called once the model is on ``device``: memory format,
+    ``torch.compile``), ``memory_format`` (a ``torch.memory_format`` the engine gives image
+    batches, e.g. ``channels_last``), ``why_unavailable() -> str`` (said when ``available()`` is
+    false) and ``explain(error) -> str | None`` (a hint for an error raised while training, e.g.
+    an operator MPS lacks).
+    """
 
     name: str
     device: torch.device
@@ -134,9 +167,36 @@ class Backend(Protocol):
 
 @runtime_checkable
 class Scheduler(Protocol):
-    """Decides the learning-rate factor (multiplying ``optim.lr``) at each optimizer step."""
+    """Decides the learning-rate factor (multiplying ``optim.lr``) at each optimizer step.
+
+    Optional, for staged schedules (``mmfw.params`` says how names and patterns work):
+
+    - ``plan(step, epoch) -> StagePlan``: what is frozen, the LR multiplier of each parameter
+      group and the active loss at this step; the engine applies a plan when it changes.
+    - ``losses() -> dict[str, tuple[str, dict]]``: every loss a plan may name, as ``label ->
+      (loss plugin name, its options)``. The engine builds them all before training, so their
+      parameters are in the optimizer and their state (a memory queue) in the checkpoint.
+    - ``momentum(step) -> float | None``: AdamW's beta1 at this step (OneCycle cycles it).
+    - ``state_dict()`` / ``load_state_dict(state)`` (JSON-able): saved in checkpoints.
+    """
 
     def lr_factor(self, step: int) -> float: ...
+
+
+class StagePlan(NamedTuple):
+    """A staged scheduler's decision for one step (see ``Scheduler.plan``).
+
+    ``frozen``: patterns of parameter or group names to freeze (everything else trains).
+    ``lr_mult``: ``(pattern, multiplier)`` pairs on group names; the first match wins, groups
+    matching none keep 1. ``loss``: a label from ``losses()``, or None for the recipe's
+    ``[loss]``. ``stage``: the stage's name and ``index`` its position (for logs).
+    """
+
+    stage: str = ""
+    index: int = 0
+    frozen: tuple[str, ...] = ()
+    lr_mult: tuple[tuple[str, float], ...] = ()
+    loss: str | None = None
 
 
 def has_assets(module: nn.Module) -> bool:

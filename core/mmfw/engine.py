@@ -14,20 +14,25 @@ from typing import Any
 import attrs
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
-from .batching import Collate, Pairs
-from .errors import MmfwError, ResumeError
+from .augment import Mixer, mix_targets
+from .batching import Batch
+from .contracts import StagePlan
+from .datasource import TrainingData
+from .diagnostics import Diagnostics
+from .errors import MmfwError, RecipeError, ResumeError
 from .evaluation import evaluate_split
+from .gradcache import gradcache_step, naive_step
 from .model import DualEncoder, build_model
-from .plots import training_plot
+from .params import ParamTable, balance_towers, lr_multipliers
+from .plots import run_plots
 from .recipe import Recipe, load_recipe
 from .registry import create
 
 #: recipe keys that may change between a run and its resumption (run length only)
 RESUMABLE_CHANGES = ("run.epochs", "run.max_steps", "run.max_minutes", "run.progress",
-                     "run.log_every")
+                     "run.log_every", "run.keep_last", "run.checkpoint_every")
 
 RECIPE_FILE = "recipe.toml"
 METRICS_JSONL = "metrics.jsonl"
@@ -41,23 +46,30 @@ class RunResult:
     metrics: dict[str, float]
     steps: int
     seconds: float
-    stopped_by: str  # "epochs", "max_steps" or "max_minutes"
+    stopped_by: str  # "epochs", "max_steps", "max_minutes", "collapse", "early_stopping",
+    #                  or "ensemble" (then ``members`` holds each seed's result)
+    members: tuple[RunResult, ...] = ()
 
 
 def run_dir_of(recipe: Recipe) -> Path:
     return Path(recipe.run.output_dir) / recipe.run.name
 
 
-def _param_groups(model: nn.Module, loss: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on gains, biases, scalars (open_clip's rule: ndim < 2)."""
-    decay, no_decay = [], []
-    for module in (model, loss):
-        for _, p in module.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+class LossBank(nn.Module):
+    """The recipe's ``[loss]`` and the losses a staged schedule names, built before training so
+    all their parameters are in the optimizer and all their state in the checkpoint."""
+
+    def __init__(self, default: nn.Module, stages: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.default = default
+        self.stages = nn.ModuleDict(stages)
+
+
+def _stage_losses(scheduler: Any, device: torch.device) -> dict[str, nn.Module]:
+    fn = getattr(scheduler, "losses", None)
+    specs = fn() if callable(fn) else {}
+    return {label: create("loss", name, **opts).to(device)
+            for label, (name, opts) in specs.items()}
 
 
 def _optimizer(params: list[dict], recipe: Recipe, device: torch.device) -> torch.optim.AdamW:
@@ -104,18 +116,17 @@ class Trainer:
         r = recipe
         self.backend = create("backend", r.backend.name, options=r.backend.options)
         if not self.backend.available():
-            raise MmfwError(f"backend '{r.backend.name}' is not available on this machine "
-                            "(set backend.name = \"auto\" to pick what is)")
+            why = getattr(self.backend, "why_unavailable", None)
+            reason = f": {why()}" if callable(why) else ""
+            raise MmfwError(f"backend '{r.backend.name}' is not available on this machine"
+                            f"{reason} (set backend.name = \"auto\" to pick what is)")
         self.device = self.backend.device
         self.backend.seed(r.run.seed)
 
-        t0 = time.perf_counter()
-        self.source = create("dataset", r.data.dataset.name, options=r.data.dataset.options)
-        self.train_split = self.source.split(r.data.train_split)
-        self.pairs = Pairs(self.train_split)
-        self.say(f"data: {r.data.dataset.name} '{r.data.train_split}' split, "
-                 f"{len(self.train_split)} images, {len(self.pairs)} pairs "
-                 f"({time.perf_counter() - t0:.1f}s)")
+        # dataset, bad-data scan (data.on_bad) before training, train pairs or stream
+        self.data = TrainingData(r, self.run_dir, self.say, rank=0, world_size=1)
+        self.source, self.train_split, self.pairs = (self.data.source, self.data.split,
+                                                     self.data.pairs)
 
         self.model: DualEncoder = build_model(r.model)
         if resume and self.start_step:
@@ -129,32 +140,23 @@ class Trainer:
         self.model.to(self.device)
         self.loss.to(self.device)
 
-        self.sampler = create("sampler", r.sampler.plugin.name, options=r.sampler.plugin.options,
-                              match_ids=self.pairs.items, batch_size=r.sampler.batch_size,
-                              seed=r.run.seed, drop_last=r.sampler.drop_last)
+        self.sampler = self.data.sampler()  # context: match_ids, texts, groups, rank, ...
         if len(self.sampler) == 0:
             raise MmfwError(f"the training split has {len(self.pairs)} pairs, fewer than one "
                             f"batch of {r.sampler.batch_size}: lower sampler.batch_size or set "
                             "sampler.drop_last = false")
-        self.loader = DataLoader(
-            self.pairs, batch_sampler=self.sampler,
-            collate_fn=Collate(self.model.vision.preprocess, self.model.text.tokenize,
-                               self.sampler.match_ids),
-            num_workers=r.data.num_workers, persistent_workers=r.data.num_workers > 0,
-            pin_memory=self.device.type == "cuda",
-        )
+        self.loader = self.data.loader(self.model, self.sampler,
+                                       pin_memory=self.device.type == "cuda")
+        self.mixer = Mixer(r.data.augment, r.run.seed)
         self.steps_per_epoch = len(self.sampler)
         total = r.run.epochs * self.steps_per_epoch
         self.total_steps = min(total, r.run.max_steps) if r.run.max_steps else total
-        self.scheduler = create("scheduler", r.schedule.name, options=r.schedule.options,
-                                total_steps=self.total_steps)
-        self.optimizer = _optimizer(_param_groups(self.model, self.loss, r.optim.weight_decay),
-                                    r, self.device)
-        self.scaler = self.backend.grad_scaler()
         self.step, self.epoch = 0, 0
+        self._setup_training()
         self.eval_history: list[dict[str, Any]] = []
         if resume and self.start_step:
             self._restore(self.start_step)
+        self.diagnostics = Diagnostics(self)
 
     # run directory -------------------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
@@ -202,8 +204,12 @@ class Trainer:
             return
         state = {"epoch": self.epoch, "sampler": self._sampler_state(),
                  "eval_history": self.eval_history, "recipe": self.recipe.digest()}
-        ckpt.save(self.ckpt_dir, self.step, model=self.model, loss=self.loss,
-                  optimizer=self.optimizer, state=state)
+        scheduler_state = getattr(self.scheduler, "state_dict", None)
+        if callable(scheduler_state):
+            state["scheduler"] = scheduler_state()
+        ckpt.save(self.ckpt_dir, self.step, model=self.model, loss=self.loss_module,
+                  optimizer=self.optimizer, state=state, keep=self.recipe.run.keep_last,
+                  scaler=self.scaler)
 
     def _sampler_state(self) -> dict[str, Any] | None:
         fn = getattr(self.sampler, "state_dict", None)
@@ -215,21 +221,121 @@ class Trainer:
                 "position": self.step - self.epoch * self.steps_per_epoch}
 
     def _restore(self, step: int) -> None:
-        ckpt.load_weights(self.ckpt_dir, step, self.model, self.loss)
+        ckpt.load_weights(self.ckpt_dir, step, self.model, self.loss_module)
         state = ckpt.load_state(self.ckpt_dir, step)
-        ckpt.load_training(self.ckpt_dir, step, self.optimizer, state)
+        ckpt.load_training(self.ckpt_dir, step, self.optimizer, state, self.scaler)
+        if state.get("scheduler") is not None and hasattr(self.scheduler, "load_state_dict"):
+            self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.eval_history = list(state.get("eval_history", []))
         self._truncate_log(self.step)
+        best_step, _, _ = self._best()
+        if best_step is not None and best_step in ckpt.list_steps(self.ckpt_dir):
+            ckpt.mark_best(self.ckpt_dir, best_step, self._eval_at(best_step))
+        self._apply_plan(self._current_plan())
         if state.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
             self.sampler.load_state_dict(state["sampler"])
         self.say(f"resumed {self.run_dir} at step {self.step} (epoch {self.epoch})")
 
     # training ------------------------------------------------------------------------------
+    def _setup_training(self) -> None:
+        """Named parameter groups, the scheduler, stage losses, AdamW, the GradScaler, the
+        teacher and the backend's model preparation (compile, memory format)."""
+        r = self.recipe
+        groups = (*ParamTable(self.model, {}).groups, "loss")
+        self.scheduler = create("scheduler", r.schedule.name, options=r.schedule.options,
+                                total_steps=self.total_steps,
+                                steps_per_epoch=self.steps_per_epoch, groups=groups)
+        self.default_loss = self.loss
+        self.stage_losses = _stage_losses(self.scheduler, self.device)
+        self.loss_module: nn.Module = (LossBank(self.loss, self.stage_losses)
+                                       if self.stage_losses else self.loss)
+        self.params = ParamTable(self.model, {"loss": self.loss_module})
+        self._towers = (self.params.tower("vision"), self.params.tower("text"))
+        self.optimizer = _optimizer(self.params.optimizer_groups(r.optim.weight_decay), r,
+                                    self.device)
+        self.scaler = self.backend.grad_scaler()
+        self._layer_mult = self.params.layer_decay(r.optim.layer_decay)
+        self._plan: StagePlan | None = None
+        self._unmatched: set[str] = set()
+        self._announced: str | None = None
+        self.step_stats: dict[str, Any] = {}
+        self._apply_plan(self._current_plan())
+        self.teacher = None
+        distilling = "distillation" in self._loss_names()
+        if distilling and not r.distill.teacher:
+            raise RecipeError("the distillation loss needs a teacher", key="distill.teacher",
+                              expected="the run (or ensemble) directory of a trained model",
+                              given=r.distill.teacher)
+        if r.distill.teacher:
+            if not distilling:
+                self.say("note: distill.teacher is set but no loss is 'distillation': the "
+                         "teacher's embeddings reach the loss as context only")
+            from .distill import Teacher
+
+            self.teacher = Teacher.load(r.distill.teacher, device=self.device,
+                                        autocast=self.backend.autocast)
+            self.teacher.attach(self.loader, self.model, self.pairs, say=self.say)
+        prepare = getattr(self.backend, "prepare", None)
+        if callable(prepare):
+            prepare(self.model)
+
+    def _loss_names(self) -> set[str]:
+        """Every loss plugin the run uses: [loss], its mixture terms, the stages' losses."""
+        names = {self.recipe.loss.name}
+        for term in getattr(self.recipe.loss.options, "terms", None) or ():
+            if isinstance(term, dict) and isinstance(term.get("name"), str):
+                names.add(term["name"])
+        fn = getattr(self.scheduler, "losses", None)
+        names.update(name for name, _ in (fn() if callable(fn) else {}).values())
+        return names
+
+    def _current_plan(self) -> StagePlan:
+        fn = getattr(self.scheduler, "plan", None)
+        return fn(self.step, self.epoch) if callable(fn) else StagePlan()
+
+    def _apply_plan(self, plan: StagePlan) -> None:
+        """Freeze, set each group's LR multiplier and pick the active loss for ``plan``."""
+        o = self.recipe.optim
+        for pattern in self.params.freeze((*o.freeze, *plan.frozen)):
+            if pattern not in self._unmatched:
+                self._unmatched.add(pattern)
+                self.say(f"note: freeze pattern '{pattern}' matches no parameter "
+                         f"(groups: {', '.join(self.params.groups)})")
+        mults = lr_multipliers(self.params, tuple(o.lr_mult.items()), plan.lr_mult,
+                               base=self._layer_mult)
+        for g in self.optimizer.param_groups:
+            g["lr_mult"] = mults[g["group"]]
+        if plan.loss is not None and plan.loss not in self.stage_losses:
+            raise MmfwError(f"scheduler '{self.recipe.schedule.name}' names loss "
+                            f"'{plan.loss}' for stage '{plan.stage}', which its losses() "
+                            f"does not build ({', '.join(self.stage_losses) or 'none'})")
+        self.loss = self.default_loss if plan.loss is None else self.stage_losses[plan.loss]
+        self._plan = plan
+
+    def _announce(self, plan: StagePlan) -> None:
+        frozen = self.params.frozen()
+        mults = sorted({(g["group"], g["lr_mult"]) for g in self.optimizer.param_groups
+                        if g["lr_mult"] != 1.0})
+        self.say(f"stage '{plan.stage}' from step {self.step}: {len(frozen)}/{len(self.params)} "
+                 f"parameter tensors frozen, loss {plan.loss or self.recipe.loss.name}"
+                 + (", lr x " + ", ".join(f"{g} {m:.3g}" for g, m in mults[:8])
+                    + (f" (+{len(mults) - 8} more)" if len(mults) > 8 else "") if mults else ""))
+
     def _set_lr(self) -> float:
+        plan = self._current_plan()
+        if plan != self._plan:
+            self._apply_plan(plan)
+        if plan.stage and plan.stage != self._announced:
+            self._announced = plan.stage
+            self._announce(plan)
         lr = self.recipe.optim.lr * self.scheduler.lr_factor(self.step)
+        momentum = getattr(self.scheduler, "momentum", None)
+        beta1 = momentum(self.step) if callable(momentum) else None
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
+            if beta1 is not None:
+                g["betas"] = (beta1, g["betas"][1])
         return lr
 
     def _temperature(self) -> float | None:
@@ -239,30 +345,71 @@ class Trainer:
 
     def train_step(self, batch: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
         batch = batch.to(self.device)
+        teacher_inputs = getattr(batch, "teacher", None)  # the teacher's own view, pre-mixing
+        batch = self.mixer(batch, self.step)  # MixUp/CutMix (data.augment)
+        context = self._loss_context(batch, teacher_inputs)
+        self.optimizer.zero_grad(set_to_none=True)
+        out, img, txt = self._forward_backward(batch, context)
+        self._optimizer_step()
+        return out, img.detach(), txt.detach()
+
+    def _loss_context(self, batch: Any, teacher_inputs: Any = None) -> dict[str, Any]:
+        """What the loss gets besides embeddings and ids: step, epoch, the teacher's view (its
+        own images mixed exactly as the student's, the Mixer being seeded by the step)."""
+        context: dict[str, Any] = {"step": self.step, "epoch": self.epoch}
+        if self.teacher is not None:
+            def mix(pixels: torch.Tensor) -> torch.Tensor:
+                return self.mixer(Batch(pixels, {}, batch.image_ids, batch.text_ids),
+                                  self.step).pixels
+
+            context["teacher_image"], context["teacher_text"] = self.teacher.embed(
+                batch, teacher_inputs, mix=mix if batch.mix is not None else None)
+        return context
+
+    def _forward_backward(self, batch: Any, context: dict[str, Any]
+                          ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Loss and gradients of one batch: whole, or in ``optim.accumulate`` micro-batches
+        (GradCache keeps the loss on the whole batch; ``naive`` averages micro-batch losses)."""
+        o = self.recipe.optim
+        loss = mix_targets(self.loss, batch)  # soft targets when the images were mixed
+        scale = self.scaler.scale if self.scaler is not None else _unscaled
+        fmt = getattr(self.backend, "memory_format", None)
+        if fmt is not None and batch.pixels.dim() == 4:
+            batch.pixels = batch.pixels.contiguous(memory_format=fmt)
+        if o.accumulate > 1:
+            run = gradcache_step if o.accumulate_mode == "gradcache" else naive_step
+            return run(self.model, loss, batch, o.accumulate,
+                       autocast=self.backend.autocast, scale=scale, context=context)
         with self.backend.autocast():
             img, txt = self.model(batch.pixels, batch.tokens)
-            out = self.loss(img, txt, image_ids=batch.image_ids, text_ids=batch.text_ids,
-                            step=self.step, epoch=self.epoch)
-        self.optimizer.zero_grad(set_to_none=True)
-        clip = self.recipe.optim.grad_clip
+            out = loss(img, txt, image_ids=batch.image_ids, text_ids=batch.text_ids,
+                       **context)
+        scale(out.loss).backward()
+        return out, img, txt
+
+    def _optimizer_step(self) -> None:
+        """Unscale, balance the towers, let diagnostics read the gradients, clip, step."""
+        o = self.recipe.optim
+        self.step_stats = {}
         if self.scaler is not None:
-            self.scaler.scale(out.loss).backward()
             self.scaler.unscale_(self.optimizer)
-            self._after_backward()
-            if clip:
-                nn.utils.clip_grad_norm_(self._params(), clip)
+        if o.modality_balance:
+            self.step_stats.update(balance_towers(*self._towers, ratio=o.modality_ratio,
+                                                  strength=o.modality_balance))
+        self._after_backward()
+        if o.grad_clip:
+            self.step_stats["optim/grad_norm"] = nn.utils.clip_grad_norm_(self._params(),
+                                                                          o.grad_clip)
+        if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            out.loss.backward()
-            self._after_backward()
-            if clip:
-                nn.utils.clip_grad_norm_(self._params(), clip)
             self.optimizer.step()
-        return out, img.detach(), txt.detach()
 
     def _after_backward(self) -> None:
         """Gradients are final and unscaled here, not yet clipped: diagnostics read them."""
+        if self.diagnostics.due(self.step + 1):
+            self.diagnostics.record_gradients()
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -277,23 +424,30 @@ class Trainer:
                  f"{self.steps_per_epoch}), batch {self.recipe.sampler.batch_size}, "
                  f"{self.backend.describe()}")
         self.model.train()
-        self.loss.train()
+        self.loss_module.train()
         stop = None
         while stop is None and self.epoch < r.epochs:
             self.sampler.set_epoch(self.epoch)
             for batch in self.loader:
                 lr = self._set_lr()
-                out, img, txt = self.train_step(batch)
+                out, img, txt = self._guarded_step(batch)
                 self.step += 1
                 n_log += len(batch)
                 if self.step % r.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     row = self._train_row(out, img, txt, batch, lr, n_log / (now - t_log))
+                    row.update(self._step_row())
                     t_log, n_log = now, 0
                     self._log(row)
                     self._show(bar, row)
                 if bar is not None:
                     bar.update(1)
+                if self.diagnostics.due(self.step) and self.diagnostics.check(batch, img, txt) \
+                        and self.recipe.diagnostics.stop_on_collapse:
+                    stop = "collapse"
+                if r.checkpoint_every and self.step % r.checkpoint_every == 0 \
+                        and self.step % self.steps_per_epoch and self.step < self.total_steps:
+                    self.save()  # after this step's rows; epoch ends and the last step save anyway
                 if self.step >= self.total_steps:
                     stop = "max_steps"
                 elif time.perf_counter() > deadline:
@@ -302,18 +456,68 @@ class Trainer:
                     break
             if self.step >= (self.epoch + 1) * self.steps_per_epoch:
                 self.epoch += 1
-                self._end_of_epoch()
+                if self._end_of_epoch() and self.epoch < r.epochs:
+                    stop = "early_stopping"
                 t_log, n_log = time.perf_counter(), 0  # evaluation time is not training speed
         if bar is not None:
             bar.close()
         self.save()
         return "epochs" if self.epoch >= r.epochs else stop or "epochs"
 
-    def _end_of_epoch(self) -> None:
+    def _guarded_step(self, batch: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        try:
+            return self.train_step(batch)
+        except NotImplementedError as err:  # e.g. an operator MPS lacks: the backend explains
+            explain = getattr(self.backend, "explain", None)
+            hint = explain(err) if callable(explain) else None
+            if hint:
+                raise MmfwError(hint) from err
+            raise
+
+    def _step_row(self) -> dict[str, Any]:
+        """This step's engine figures for metrics.jsonl: stage, balancing, gradient norm."""
+        row: dict[str, Any] = {k: float(v) for k, v in self.step_stats.items()}
+        if callable(getattr(self.scheduler, "plan", None)) and self._plan is not None:
+            row["stage"] = self._plan.index
+        if self.recipe.optim.accumulate > 1:
+            row["accumulate"] = self.recipe.optim.accumulate
+        return row
+
+    def _end_of_epoch(self) -> bool:
+        """Validate (when due), checkpoint, track the best; True when early stopping says stop."""
         e = self.recipe.eval
-        if e.val_split and self.epoch % e.every_epochs == 0 and e.val_split in self.source.splits:
+        validated = (e.val_split and self.epoch % e.every_epochs == 0
+                     and e.val_split in self.source.splits)
+        if validated:
             self.validate()
         self.save()
+        if not validated:
+            return False
+        best_step, best, since = self._best()
+        if best_step == self.step:
+            ckpt.mark_best(self.ckpt_dir, self.step, self._eval_at(self.step))
+        if e.patience and since >= e.patience:
+            self.say(f"early stopping: val rsum has not beaten {best:.2f} (step {best_step}) "
+                     f"for {since} evaluations (eval.patience = {e.patience})")
+            return True
+        return False
+
+    def _best(self) -> tuple[int | None, float, int]:
+        """(step of the best val rsum, that rsum, evaluations since) from the eval history."""
+        e = self.recipe.eval
+        best_step, best, since = None, -math.inf, 0
+        for row in self.eval_history:
+            if row.get("split") != e.val_split or "rsum" not in row:
+                continue
+            if row["rsum"] > best + e.min_delta:
+                best_step, best, since = int(row["step"]), float(row["rsum"]), 0
+            else:
+                since += 1
+        return best_step, best, since
+
+    def _eval_at(self, step: int) -> dict[str, Any]:
+        rows = [r for r in self.eval_history if r.get("step") == step]
+        return {k: v for k, v in rows[-1].items() if k not in ("type", "step")} if rows else {}
 
     def validate(self) -> dict[str, float]:
         e = self.recipe.eval
@@ -357,12 +561,21 @@ class Trainer:
 
     def final_eval(self) -> dict[str, float]:
         split = self.recipe.eval.split
+        best = ckpt.best(self.ckpt_dir) if self.recipe.eval.restore_best else None
+        if best is not None and best != self.step:
+            ckpt.load_weights(self.ckpt_dir, best, self.model, None)
+            self.say(f"final evaluation with the best checkpoint, step {best} "
+                     f"(eval.restore_best)")
         metrics = self.evaluate(split)
         ckpt.atomic_text(self.run_dir / METRICS_JSON, json.dumps(metrics, indent=2))
         self._log({"type": "eval", "split": split, "step": self.step, "epoch": self.epoch,
                    "final": True, **metrics})
-        training_plot(self.run_dir / METRICS_JSONL, self.run_dir / "plots" / "training.png")
+        run_plots(self, split)  # after metrics.json: a failing plot never loses the metrics
         return metrics
+
+
+def _unscaled(loss: torch.Tensor) -> torch.Tensor:
+    return loss
 
 
 def _progress(total: int, start: int, enabled: bool) -> Any:
@@ -394,6 +607,10 @@ def train(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool 
     """Train a recipe into its run directory and evaluate it; see DESIGN.md for the layout."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    if recipe.ensemble.seeds:
+        from .ensemble import train_ensemble
+
+        return train_ensemble(recipe, resume=resume, overwrite=overwrite, console=console)
     t0 = time.perf_counter()
     trainer = Trainer(recipe, resume=resume, overwrite=overwrite, console=console)
     stopped_by = trainer.fit()

@@ -80,3 +80,43 @@ def embed_split(model: Any, split: Any, *, batch_size: int = 256, device: Any = 
 def evaluate_split(model: Any, split: Any, **kwargs: Any) -> dict[str, float]:
     img, txt, owner = embed_split(model, split, **kwargs)
     return recall_at_k(img, txt, owner)
+
+
+def ensemble_embeddings(images: Sequence[Tensor], texts: Sequence[Tensor]
+                        ) -> tuple[Tensor, Tensor]:
+    r"""Joint embeddings of K models whose dot product is their *averaged* cosine similarity.
+
+    With :math:`\hat v_k, \hat t_k` each model's normalised embeddings,
+    :math:`[\hat v_1, \dots, \hat v_K] / \sqrt K \cdot [\hat t_1, \dots, \hat t_K] / \sqrt K
+    = \frac1K \sum_k \hat v_k^\top \hat t_k` (seed 000 §5's ``ensemble_predict``), and the
+    concatenations have unit norm, so ranking them by cosine (``recall_at_k``) ranks by the
+    averaged similarity without ever holding an ``[N, M]`` matrix.
+    """
+    if not images or len(images) != len(texts):
+        raise ValueError("ensemble_embeddings needs as many image as text embedding sets (>= 1)")
+    k = len(images) ** 0.5
+    img = torch.cat([F.normalize(x.float(), dim=-1) for x in images], dim=1) / k
+    txt = torch.cat([F.normalize(x.float(), dim=-1) for x in texts], dim=1) / k
+    return img, txt
+
+
+def ensemble_similarity(images: Sequence[Tensor], texts: Sequence[Tensor]) -> Tensor:
+    """The averaged cosine similarity matrix ``[N, M]`` of K models (for inspection)."""
+    sims = [F.normalize(v.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T
+            for v, t in zip(images, texts)]
+    return torch.stack(sims).mean(0)
+
+
+def evaluate_ensemble(models: Sequence[Any], split: Any, **kwargs: Any) -> dict[str, float]:
+    """Recall@K of the averaged similarity of several models; each embeds with its own
+    preprocessing and tokenizer, all on the same split."""
+    imgs, txts, owner = [], [], None
+    for model in models:
+        img, txt, own = embed_split(model, split, **kwargs)
+        if owner is not None and not torch.equal(owner, own):
+            raise ValueError("ensemble members embedded different captions")
+        imgs.append(img)
+        txts.append(txt)
+        owner = own
+    img, txt = ensemble_embeddings(imgs, txts)
+    return recall_at_k(img, txt, owner)

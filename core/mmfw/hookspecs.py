@@ -17,9 +17,13 @@ adapter    ``in_dim``, ``out_dim``             nn.Module mapping ``[B, in_dim] -
 loss       (none)                              ``loss(image, text, *, image_ids, text_ids,
                                                **context) -> LossOutput``
 sampler    ``match_ids``, ``batch_size``,      iterable of index lists; ``match_ids``;
-           ``seed``, ``drop_last``             ``set_epoch(epoch)``
+           ``seed``, ``drop_last``, ``texts``  ``set_epoch(epoch)``; shards by ``rank``
+           (caption per pair), ``groups``
+           (group key per pair, or None),
+           ``rank``, ``world_size``
 backend    (none)                              ``Backend``
-scheduler  ``total_steps``                     ``Scheduler``: ``lr_factor(step)``
+scheduler  ``total_steps``,                    ``Scheduler``: ``lr_factor(step)``; optional
+           ``steps_per_epoch``, ``groups``     ``plan(step, epoch)``, ``losses()``, ...
 dataset    (none)                              ``DatasetSource``: ``split(name)``
 ========== =================================== ===========================================
 """
@@ -69,3 +73,21 @@ def mmfw_schedulers() -> Factories:
 @hookspec
 def mmfw_datasets() -> Factories:
     """Datasets whose splits yield ``(image, captions, image_id)`` items."""
+
+
+# Catalogues (optional): not component kinds, but data an encoder plugin offers users.
+
+
+@hookspec
+def mmfw_models() -> list[dict[str, object]]:
+    """Known pretrained models, for ``mmfw list encoder --models``: a list of rows
+    ``{"name", "encoder", "modality", "width", "input_size", "note"}``. ``width`` is the TRUE
+    output width (read from the model's config, never guessed from its name); ``input_size``
+    is the image side in pixels or the text model's position count."""
+
+
+@hookspec
+def mmfw_presets() -> dict[str, dict[str, object]]:
+    """Size presets for ``model.preset``: ``{name: {"width": int, "vision": {section},
+    "text": {section}, "note": str}}``, where the sections are ``[model.vision]`` /
+    ``[model.text]`` tables (``name`` + options) whose encoders are both ``width`` wide."""

@@ -13,14 +13,15 @@ import json
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import tomli_w
 
+from .augment import AugmentConfig
 from .errors import PluginError, RecipeError
 from .options import Override, build, close_matches, option
-from .registry import make_options
+from .registry import make_options, presets
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,6 +43,10 @@ class RunConfig:
                                 "and the run still evaluates (0: no limit)", validator=_ge0)
     log_every: int = option(20, doc="optimizer steps between metrics.jsonl rows", validator=_ge1)
     progress: bool = option(True, doc="progress bar on a terminal (log lines otherwise)")
+    checkpoint_every: int = option(0, doc="optimizer steps between checkpoints, besides each "
+                                   "epoch's end (0: epoch ends only)", validator=_ge0)
+    keep_last: int = option(2, doc="checkpoints kept (the newest; the best by val rsum is "
+                            "kept as well)", validator=_ge1)
 
 
 @attrs.frozen
@@ -52,6 +57,24 @@ class OptimConfig:
     betas: tuple[float, float] = option((0.9, 0.98), doc="AdamW betas")
     eps: float = option(1e-6, doc="AdamW epsilon", validator=_gt0)
     grad_clip: float = option(0.0, doc="clip the global gradient norm (0: off)", validator=_ge0)
+    accumulate: int = option(1, doc="micro-batches per optimizer step (the batch is "
+                             "sampler.batch_size, embedded in this many pieces)",
+                             validator=_ge1)
+    accumulate_mode: Literal["gradcache", "naive"] = option(
+        "gradcache", doc="gradcache: the loss sees the whole batch (exact gradient); naive: "
+        "one loss per micro-batch (fewer negatives; the seeds' way)")
+    freeze: tuple[str, ...] = option((), doc="parameter / group name patterns never trained "
+                                     "(e.g. [\"vision\"])")
+    lr_mult: dict[str, float] = option(attrs.Factory(dict), doc="group pattern -> LR "
+                                       "multiplier, first match wins (e.g. {vision = 0.1})")
+    layer_decay: float = option(1.0, doc="layer-wise LR decay: an encoder group k blocks "
+                                "below the top trains at lr * layer_decay^k (1: off)",
+                                validator=[_gt0, attrs.validators.le(1)])
+    modality_balance: float = option(0.0, doc="scale the vision and text towers' gradients "
+                                     "toward modality_ratio (0: off, 1: fully)",
+                                     validator=[_ge0, attrs.validators.le(1)])
+    modality_ratio: float = option(1.0, doc="target |grad vision| / |grad text| of "
+                                   "modality_balance", validator=_gt0)
 
 
 @attrs.frozen
@@ -62,6 +85,12 @@ class EvalConfig:
     batch_size: int = option(256, doc="batch size for embedding", validator=_ge1)
     max_images: int = option(0, doc="evaluate on the first N images of a split (0: all)",
                              validator=_ge0)
+    patience: int = option(0, doc="early stopping: end training after this many evaluations "
+                           "without a better val rsum (0: off)", validator=_ge0)
+    min_delta: float = option(0.0, doc="an rsum gain below this is no improvement",
+                              validator=_ge0)
+    restore_best: bool = option(False, doc="final evaluation and load_run use the best "
+                                "checkpoint by val rsum, not the last")
 
 
 @attrs.frozen
@@ -69,6 +98,32 @@ class DiagnosticsConfig:
     """Collapse diagnostics computed while training (see ``mmfw.diagnostics``)."""
 
     every: int = option(50, doc="optimizer steps between diagnostics (0: off)", validator=_ge0)
+    probe_size: int = option(256, doc="images (one caption each) in the fixed probe batch "
+                             "embedded in eval mode at each check (0: current batch only)",
+                             validator=_ge0)
+    probe_split: str = option("", doc="split the probe batch comes from ('': eval.val_split "
+                              "if the dataset has it, else data.train_split)")
+    gap_threshold: float = option(0.02, doc="collapse when positive minus negative mean cosine "
+                                  "similarity stays at or below this")
+    rank_fraction: float = option(0.01, doc="collapse when a modality's effective rank stays "
+                                  "below this fraction of min(embed_dim, probe rows - 1)",
+                                  validator=[_ge0, attrs.validators.le(1)])
+    patience: int = option(3, doc="consecutive checks a symptom must last before it warns",
+                           validator=_ge1)
+    grace_steps: int = option(100, doc="checks before this step are logged but not judged (a "
+                              "fresh model has no gap yet)", validator=_ge0)
+    stop_on_collapse: bool = option(False, doc="end training (stopped_by = \"collapse\") when "
+                                    "the detector fires; the run still evaluates")
+    low_variance: float = option(0.1, doc="a dimension is low-variance below this fraction of "
+                                 "1/embed_dim (its variance under an isotropic spread)",
+                                 validator=_gt0)
+    spectrum_top: int = option(16, doc="leading covariance eigenvalues stored per check",
+                               validator=_ge1)
+    map_method: Literal["auto", "umap", "tsne", "pca"] = option(
+        "auto", doc="2-D embedding map at the final evaluation (auto: UMAP when umap-learn is "
+        "installed, else t-SNE)")
+    map_points: int = option(300, doc="test images (and one caption each) in the final "
+                             "plots (0: no embedding plots)", validator=_ge0)
 
 
 @attrs.frozen
@@ -77,6 +132,15 @@ class EnsembleConfig:
 
     seeds: tuple[int, ...] = option((), doc="one run per seed (empty: a single run with "
                                     "run.seed)")
+
+
+@attrs.frozen
+class DistillConfig:
+    """Distil a trained model (or ensemble) into this run's model (seed 000 §5)."""
+
+    teacher: str = option("", doc="run directory (or ensemble directory) of the teacher; its "
+                          "embeddings of each batch reach the loss as teacher_image / "
+                          "teacher_text ('': none)")
 
 
 @attrs.frozen
@@ -98,6 +162,18 @@ class DataConfig:
     dataset: Plugin
     num_workers: int = option(0, doc="DataLoader worker processes", validator=_ge0)
     train_split: str = option("train", doc="split used for training")
+    on_bad: Literal["error", "skip"] = option(
+        "error", doc="bad data (missing, truncated or undecodable image, empty caption, row "
+        "without image): stop before training with a list, or skip each and log it to "
+        "skipped.jsonl in the run directory")
+    check: Literal["quick", "full"] = option(
+        "quick", doc="scan before training: each image exists and its header reads (quick), "
+        "or every image decodes (full)")
+    cache: str = option("", doc="folder for a memory-mapped cache of decoded images at the "
+                        "vision encoder's input size, so later epochs and runs do not decode "
+                        "again ('': off; for datasets that fit on disk)")
+    augment: AugmentConfig = option(AugmentConfig(), doc="[data.augment]: training-time "
+                                    "augmentation (see below)")
 
 
 @attrs.frozen
@@ -113,6 +189,9 @@ class ModelConfig:
     text: Plugin
     adapter: Plugin
     embed_dim: int = option(256, doc="shared embedding width", validator=_ge1)
+    preset: str = option("", doc="size preset (`mmfw list encoder --models`): fills the "
+                         "[model.vision] / [model.text] sections the recipe leaves out, "
+                         "embed_dim, and an identity adapter when the widths match")
 
 
 @attrs.frozen
@@ -128,6 +207,7 @@ class Recipe:
     eval: EvalConfig
     diagnostics: DiagnosticsConfig = attrs.field(factory=DiagnosticsConfig)
     ensemble: EnsembleConfig = attrs.field(factory=EnsembleConfig)
+    distill: DistillConfig = attrs.field(factory=DistillConfig)
     path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +219,7 @@ class Recipe:
             "sampler": _section(self.sampler.plugin, "name", _core(self.sampler, "plugin")),
             "model": {
                 "embed_dim": self.model.embed_dim,
+                "preset": self.model.preset,
                 "vision": _section(self.model.vision),
                 "text": _section(self.model.text),
                 "adapter": _section(self.model.adapter),
@@ -149,6 +230,7 @@ class Recipe:
             "eval": attrs.asdict(self.eval, value_serializer=_plain),
             "diagnostics": attrs.asdict(self.diagnostics, value_serializer=_plain),
             "ensemble": attrs.asdict(self.ensemble, value_serializer=_plain),
+            "distill": attrs.asdict(self.distill, value_serializer=_plain),
         }
 
     def to_toml(self) -> str:
@@ -175,7 +257,8 @@ def _plain(_inst: Any, _field: Any, value: Any) -> Any:
 
 
 def _core(cfg: Any, skip: str) -> dict[str, Any]:
-    return {k: v for k, v in attrs.asdict(cfg, recurse=False).items() if k != skip}
+    return {k: attrs.asdict(v, value_serializer=_plain) if attrs.has(type(v)) else v
+            for k, v in attrs.asdict(cfg, recurse=False).items() if k != skip}
 
 
 def _section(p: Plugin, key: str = "name", extra: Mapping[str, Any] | None = None) -> dict:
@@ -186,7 +269,7 @@ def _section(p: Plugin, key: str = "name", extra: Mapping[str, Any] | None = Non
 # loading
 
 TOP_LEVEL = ("run", "backend", "data", "sampler", "model", "loss", "optim", "schedule", "eval",
-             "diagnostics", "ensemble")
+             "diagnostics", "ensemble", "distill")
 
 #: section path -> (plugin kind, key naming the plugin, default plugin or None if required)
 PLUGIN_SECTIONS: dict[str, tuple[str, str, str | None]] = {
@@ -286,6 +369,46 @@ def _plugin(section: str, values: dict[str, Any], core: tuple[str, ...] = ()) ->
     return Plugin(kind, name, options), core_values
 
 
+def apply_preset(model: dict[str, Any]) -> dict[str, Any]:
+    """Fill a ``[model]`` table from ``model.preset`` (a dimension-matched encoder pair).
+
+    A section the recipe leaves out comes from the preset; one that names the same encoder (or
+    no encoder) is the preset's with the recipe's keys on top; one naming another encoder
+    replaces it. ``embed_dim`` defaults to the preset's width, and when both encoders are the
+    preset's and ``embed_dim`` equals their width, a recipe without ``[model.adapter]`` gets
+    the ``identity`` adapter: no projection between matched widths.
+    """
+    name = model.get("preset", "")
+    if isinstance(name, Override):
+        name = str(name)
+    if not name:
+        return model
+    if not isinstance(name, str):
+        raise RecipeError("wrong type", key="model.preset", expected="str", given=name)
+    table = presets()
+    if name not in table:
+        near = close_matches(name, list(table))
+        hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        raise RecipeError(f"unknown preset.{hint}", key="model.preset",
+                          expected="one of " + ", ".join(repr(n) for n in sorted(table))
+                          + " (see `mmfw list encoder --models`)", given=name)
+    preset = table[name]
+    out = dict(model)
+    from_preset = 0
+    for sub, base in (("vision", preset.vision), ("text", preset.text)):
+        given = out.get(sub)
+        if given is None:
+            out[sub], from_preset = dict(base), from_preset + 1
+        elif isinstance(given, Mapping) and str(given.get("name", base["name"])) == base["name"]:
+            out[sub], from_preset = {**base, **given}, from_preset + 1
+    embed_dim = out.setdefault("embed_dim", preset.width)
+    if isinstance(embed_dim, Override):
+        embed_dim = embed_dim.parsed()
+    if "adapter" not in out and from_preset == 2 and embed_dim == preset.width:
+        out["adapter"] = {"name": "identity"}
+    return out
+
+
 def _section_build(cls: type, section: str, values: Mapping[str, Any],
                    fixed: Mapping[str, Any] | None = None) -> Any:
     try:
@@ -304,7 +427,7 @@ def from_dict(data: Mapping[str, Any], file: str | None = None) -> Recipe:
                               expected="one of " + ", ".join(f"[{s}]" for s in TOP_LEVEL),
                               given=data[key] if not isinstance(data[key], Mapping) else
                               f"[{key}] table")
-    model = _table(data, "model")
+    model = apply_preset(_table(data, "model"))
     model_core = {k: v for k, v in model.items() if k not in ("vision", "text", "adapter")}
     for sub in ("vision", "text", "adapter"):
         if sub in model and not isinstance(model[sub], Mapping):
@@ -319,7 +442,9 @@ def from_dict(data: Mapping[str, Any], file: str | None = None) -> Recipe:
         raise RecipeError("missing section [data]", key="data",
                           expected='[data] with dataset = an installed dataset, e.g. "synthetic"')
 
-    dataset, data_core = _plugin("data", _table(data, "data"), ("num_workers", "train_split"))
+    dataset, data_core = _plugin("data", _table(data, "data"),
+                                 ("num_workers", "train_split", "on_bad", "check", "cache",
+                                  "augment"))
     sampler, sampler_core = _plugin("sampler", _table(data, "sampler"),
                                     ("batch_size", "drop_last"))
     vision, _ = _plugin("model.vision", dict(model["vision"]))
@@ -338,5 +463,6 @@ def from_dict(data: Mapping[str, Any], file: str | None = None) -> Recipe:
         eval=_section_build(EvalConfig, "eval", _table(data, "eval")),
         diagnostics=_section_build(DiagnosticsConfig, "diagnostics", _table(data, "diagnostics")),
         ensemble=_section_build(EnsembleConfig, "ensemble", _table(data, "ensemble")),
+        distill=_section_build(DistillConfig, "distill", _table(data, "distill")),
         path=file,
     )

@@ -6,15 +6,21 @@ current.
 
 from __future__ import annotations
 
+import typing
+
+import attrs
+
 from .options import describe
 from .recipe import (
     PLUGIN_SECTIONS,
     DataConfig,
     DiagnosticsConfig,
+    DistillConfig,
     EnsembleConfig,
     EvalConfig,
     ModelConfig,
     OptimConfig,
+    Plugin,
     RunConfig,
     SamplerConfig,
 )
@@ -29,6 +35,7 @@ _CORE = {
     "eval": EvalConfig,
     "diagnostics": DiagnosticsConfig,
     "ensemble": EnsembleConfig,
+    "distill": DistillConfig,
 }
 
 
@@ -38,6 +45,18 @@ def _table(rows: list[dict[str, str]]) -> list[str]:
     out = ["| key | type | default | meaning |", "|---|---|---|---|"]
     out += [f"| `{r['name']}` | {r['type']} | `{r['default']}` | {r['doc']} |" for r in rows]
     return [*out, ""]
+
+
+def _nested_tables(section: str, cls: type) -> list[str]:
+    """A core section's sub-tables (``[data.augment]``), each with its own key table."""
+    out: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in attrs.fields(cls):
+        sub = hints.get(f.name)
+        if isinstance(sub, type) and attrs.has(sub) and sub is not Plugin:
+            out += [f"#### [{section}.{f.name}]", "", (sub.__doc__ or "").strip(), ""]
+            out += _table(describe(sub))
+    return out
 
 
 def recipe_reference() -> str:
@@ -52,13 +71,14 @@ def recipe_reference() -> str:
         "",
     ]
     for section, cls in _CORE.items():
-        rows = [r for r in describe(cls) if r["type"] != "table (Plugin)"]
+        rows = [r for r in describe(cls) if not r["type"].startswith("table (")]
         lines += [f"### [{section}]", ""]
         for path, (kind, key, default) in PLUGIN_SECTIONS.items():
             if path == section:
                 lines += [f"`{key}` names the {kind} plugin"
                           + (f" (default `{default}`)." if default else " (required)."), ""]
         lines += _table(rows)
+        lines += _nested_tables(section, cls)
     for path, (kind, key, default) in PLUGIN_SECTIONS.items():
         if path in _CORE:
             continue

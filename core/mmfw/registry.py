@@ -11,6 +11,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import pluggy
 
 from . import hookspecs
@@ -35,9 +36,10 @@ CONTEXT: dict[str, tuple[str, ...]] = {
     "encoder": (),
     "adapter": ("in_dim", "out_dim"),
     "loss": (),
-    "sampler": ("match_ids", "batch_size", "seed", "drop_last"),
+    "sampler": ("match_ids", "batch_size", "seed", "drop_last", "texts", "groups", "rank",
+                "world_size"),
     "backend": (),
-    "scheduler": ("total_steps",),
+    "scheduler": ("total_steps", "steps_per_epoch", "groups"),
     "dataset": (),
 }
 
@@ -46,13 +48,53 @@ CONTEXT: dict[str, tuple[str, ...]] = {
 def plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
+    _refuse_shadowed_entry_points()
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    _check_hook_names(pm)
     return pm
+
+
+def _refuse_shadowed_entry_points() -> None:
+    """pluggy silently keeps the first of two entry points with one name: say so instead."""
+    from importlib.metadata import distributions
+
+    seen: dict[str, tuple[str, str]] = {}
+    for dist in distributions():
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP:
+                continue
+            dist_name = dist.metadata["Name"] or "?"
+            if ep.name in seen and seen[ep.name] != (ep.value, dist_name):
+                other_value, other_dist = seen[ep.name]
+                if other_value != ep.value:
+                    raise PluginError(
+                        f"two '{ENTRY_POINT_GROUP}' entry points are named '{ep.name}': "
+                        f"{other_value} (distribution {other_dist}) and {ep.value} "
+                        f"(distribution {dist_name}); one would be ignored. Rename one of them "
+                        f"in its pyproject.toml [project.entry-points.{ENTRY_POINT_GROUP}]."
+                    )
+            seen[ep.name] = (ep.value, dist_name)
+
+
+def _check_hook_names(pm: pluggy.PluginManager) -> None:
+    """A misspelt hook (``mmfw_loss``) would never be called: refuse it with the right names."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as err:
+        names = ", ".join(KINDS.values())
+        raise PluginError(f"{err} Hooks mmfw knows: {names}, "
+                          "plus the optional ones in mmfw.hookspecs.") from None
 
 
 def register(plugin: object, name: str | None = None) -> None:
     """Register a plugin module or object (as an entry point would) and refresh the tables."""
-    plugin_manager().register(plugin, name=name)
+    pm = plugin_manager()
+    pm.register(plugin, name=name)
+    try:
+        _check_hook_names(pm)
+    except PluginError:
+        pm.unregister(plugin)
+        raise
     _tables.cache_clear()
 
 
@@ -163,3 +205,72 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
         return factory(options, **context)
     except ValueError as err:  # a component refusing its configuration is the user's to fix
         raise PluginError(f"cannot build {kind} '{name}': {err}") from err
+
+
+# ------------------------------------------------------------------------------------------
+# catalogues: known models and size presets (hooks ``mmfw_models`` / ``mmfw_presets``)
+
+
+@attrs.frozen
+class KnownModel:
+    """A pretrained model an encoder plugin knows, with its true output width."""
+
+    name: str
+    encoder: str
+    modality: str
+    width: int
+    input_size: int
+    note: str = ""
+    plugin: str = ""
+
+
+@attrs.frozen
+class Preset:
+    """A dimension-matched (vision, text) pair: both encoders are ``width`` wide."""
+
+    name: str
+    width: int
+    vision: dict[str, Any]
+    text: dict[str, Any]
+    note: str = ""
+    plugin: str = ""
+
+
+def _hook_results(hook_name: str) -> list[tuple[Any, str]]:
+    pm = plugin_manager()
+    return [(impl.function(), _plugin_label(pm, impl.plugin))
+            for impl in getattr(pm.hook, hook_name).get_hookimpls()]
+
+
+def known_models(modality: str | None = None) -> list[KnownModel]:
+    """Rows of every plugin's ``mmfw_models()``, sorted by modality, encoder and name."""
+    rows: list[KnownModel] = []
+    for result, label in _hook_results("mmfw_models"):
+        for row in result or []:
+            try:
+                values = {k: row[k] for k in ("name", "encoder", "modality", "width",
+                                              "input_size")}
+                rows.append(KnownModel(**values, note=str(row.get("note", "")), plugin=label))
+            except (KeyError, TypeError) as err:
+                raise PluginError(f"plugin {label}: mmfw_models() row {row!r} lacks {err}: rows "
+                                  "need name, encoder, modality, width, input_size") from None
+    if modality is not None:
+        rows = [r for r in rows if r.modality == modality]
+    return sorted(rows, key=lambda r: (r.modality, r.encoder, r.name))
+
+
+def presets() -> dict[str, Preset]:
+    """Every plugin's ``mmfw_presets()``; a name given twice is an error."""
+    table: dict[str, Preset] = {}
+    for result, label in _hook_results("mmfw_presets"):
+        for name, p in (result or {}).items():
+            if name in table:
+                raise PluginError(f"preset '{name}' is registered twice: by plugin "
+                                  f"{table[name].plugin} and by plugin {label}")
+            try:
+                table[name] = Preset(name, int(p["width"]), dict(p["vision"]), dict(p["text"]),
+                                     str(p.get("note", "")), label)
+            except (KeyError, TypeError, ValueError) as err:
+                raise PluginError(f"plugin {label}: preset '{name}' needs width, vision and "
+                                  f"text ({err})") from None
+    return table

@@ -1,4 +1,5 @@
-"""Identity and linear adapters (the CLIP projection)."""
+"""Identity and linear adapters (the CLIP projection), and the initialisation every
+linear-layer adapter shares."""
 
 from __future__ import annotations
 
@@ -8,10 +9,27 @@ from torch import Tensor, nn
 from mmfw.options import option
 
 
+def init_linear(layer: nn.Linear, *, orthogonal: bool, gain: float) -> None:
+    """Orthogonal weights (seed 001 §4.2.2: diverse directions from the first step, scaled by
+    ``gain``) or a normal with std ``gain / sqrt(in_features)`` (CLIP's projection); zero bias.
+    """
+    if orthogonal:
+        nn.init.orthogonal_(layer.weight, gain=gain)
+    else:
+        nn.init.normal_(layer.weight, std=gain * layer.in_features**-0.5)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+_gain = attrs.validators.gt(0)
+
+
 @attrs.frozen
 class LinearOptions:
     bias: bool = option(False, doc="add a bias (CLIP's projections have none)")
     orthogonal: bool = option(False, doc="orthogonal initialisation of the weight")
+    gain: float = option(1.0, doc="scale of the initial weight (orthogonal gain, or the std "
+                         "multiplier of the normal init)", validator=_gain)
 
 
 class Linear(nn.Module):
@@ -21,10 +39,7 @@ class Linear(nn.Module):
         super().__init__()
         o = options or LinearOptions()
         self.proj = nn.Linear(in_dim, out_dim, bias=o.bias)
-        if o.orthogonal:
-            nn.init.orthogonal_(self.proj.weight)
-        else:
-            nn.init.normal_(self.proj.weight, std=in_dim**-0.5)
+        init_linear(self.proj, orthogonal=o.orthogonal, gain=o.gain)
         self.in_dim, self.out_dim = in_dim, out_dim
 
     def forward(self, x: Tensor) -> Tensor:

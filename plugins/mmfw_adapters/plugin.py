@@ -2,9 +2,11 @@
 
 from mmfw.hookspecs import hookimpl
 
+from .batchnorm import BNProjection
 from .linear import Identity, Linear
+from .mlp import MLP
 
 
 @hookimpl
 def mmfw_adapters():
-    return {"identity": Identity, "linear": Linear}
+    return {"identity": Identity, "linear": Linear, "mlp": MLP, "bn-projection": BNProjection}

@@ -1,4 +1,9 @@
-"""Device backends: where tensors live, at what precision, and how runs are seeded."""
+"""Device backends: where tensors live, at what precision, and how runs are seeded.
+
+Every backend also takes ``channels_last`` (NHWC memory format for the vision tower and image
+batches: faster convolutions on tensor cores) and ``compile`` (``torch.compile`` of the encoders
+and adapters in place, so checkpoints keep their parameter names).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,20 @@ import contextlib
 import os
 import random
 import resource
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import numpy as np
 import torch
+from torch import nn
 
 from mmfw.options import option
 
 Precision = Literal["fp32", "bf16", "fp16"]
+
+#: PYTORCH_ENABLE_MPS_FALLBACK as it was when this process started (torch reads it at import)
+MPS_FALLBACK_ENV = "PYTORCH_ENABLE_MPS_FALLBACK"
+_MPS_FALLBACK_AT_START = os.environ.get(MPS_FALLBACK_ENV, "") not in ("", "0")
 
 
 def seed_everything(seed: int) -> None:
@@ -23,14 +33,52 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _compile_doc() -> str:
+    return "torch.compile the encoders and adapters (first steps are slow while it compiles)"
+
+
+class _Prepare:
+    """``prepare(model)`` and ``memory_format`` shared by all backends."""
+
+    options: Any
+
+    @property
+    def memory_format(self) -> torch.memory_format | None:
+        return torch.channels_last if self.options.channels_last else None
+
+    def prepare(self, model: nn.Module) -> None:
+        o = self.options
+        if o.channels_last and hasattr(model, "vision"):
+            model.vision.to(memory_format=torch.channels_last)
+        if o.compile:
+            for name in ("vision", "text", "vision_adapter", "text_adapter"):
+                part = getattr(model, name, None)
+                if isinstance(part, nn.Module):
+                    part.compile(backend=o.compile_backend, mode=o.compile_mode or None,
+                                 dynamic=None)
+
+    def _flags(self) -> str:
+        o = self.options
+        flags = [f for f, on in (("channels_last", o.channels_last),
+                                 (f"compile:{o.compile_backend}", o.compile)) if on]
+        return ", " + ", ".join(flags) if flags else ""
+
+
 @attrs.frozen
 class CPUOptions:
     threads: int = option(0, doc="torch intra-op threads (0: torch's default, one per core)",
                           validator=attrs.validators.ge(0))
-    precision: Literal["fp32", "bf16"] = option("fp32", doc="bf16 autocast on CPUs that have it")
+    precision: Precision = option("fp32", doc="bf16: autocast on CPUs that have it; fp16: "
+                                  "autocast with a GradScaler (slow on most CPUs; exercises "
+                                  "the GPU's fp16 path)")
+    channels_last: bool = option(False, doc="NHWC memory format for the vision tower")
+    compile: bool = option(False, doc=_compile_doc())
+    compile_backend: str = option("inductor", doc="torch.compile backend (inductor needs a "
+                                  "C++ compiler on CPU; aot_eager traces without one)")
+    compile_mode: str = option("", doc="torch.compile mode ('' default, 'max-autotune', ...)")
 
 
-class CPUBackend:
+class CPUBackend(_Prepare):
     name = "cpu"
     Options = CPUOptions
 
@@ -46,10 +94,12 @@ class CPUBackend:
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.options.precision == "bf16":
             return torch.autocast("cpu", dtype=torch.bfloat16)
+        if self.options.precision == "fp16":
+            return torch.autocast("cpu", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def grad_scaler(self) -> None:
-        return None
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return torch.amp.GradScaler("cpu") if self.options.precision == "fp16" else None
 
     def seed(self, seed: int) -> None:
         seed_everything(seed)
@@ -58,17 +108,36 @@ class CPUBackend:
         return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def describe(self) -> str:
-        return f"cpu ({torch.get_num_threads()} threads, {self.options.precision})"
+        return (f"cpu ({torch.get_num_threads()} threads, {self.options.precision}"
+                f"{self._flags()})")
 
 
 @attrs.frozen
 class CUDAOptions:
     index: int = option(0, doc="GPU index", validator=attrs.validators.ge(0))
-    precision: Precision = option("bf16", doc="autocast dtype; fp16 uses a GradScaler")
-    tf32: bool = option(True, doc="allow TF32 matmuls and convolutions")
+    precision: Precision = option("bf16", doc="autocast dtype; fp16 uses a GradScaler; bf16 "
+                                  "falls back to fp16 on GPUs without bf16")
+    tf32: bool = option(True, doc="allow TF32 matmuls and convolutions (fp32 math)")
+    channels_last: bool = option(False, doc="NHWC memory format for the vision tower")
+    compile: bool = option(False, doc=_compile_doc())
+    compile_backend: str = option("inductor", doc="torch.compile backend")
+    compile_mode: str = option("", doc="torch.compile mode ('' default, 'max-autotune', ...)")
 
 
-class CUDABackend:
+def set_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions (torch's newer per-backend precision API
+    where it exists, else the ``allow_tf32`` flags)."""
+    matmul = torch.backends.cuda.matmul
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+        conv.fp32_precision = "tf32" if enabled else "ieee"
+    else:  # pragma: no cover - older torch
+        matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+class CUDABackend(_Prepare):
     name = "cuda"
     Options = CUDAOptions
 
@@ -76,12 +145,20 @@ class CUDABackend:
         self.options = options or CUDAOptions()
         self.device = torch.device("cuda", self.options.index)
         if self.available():
-            torch.backends.cuda.matmul.allow_tf32 = self.options.tf32
-            torch.backends.cudnn.allow_tf32 = self.options.tf32
+            set_tf32(self.options.tf32)
             torch.backends.cudnn.benchmark = True
 
     def available(self) -> bool:
         return torch.cuda.is_available() and self.options.index < torch.cuda.device_count()
+
+    def why_unavailable(self) -> str:
+        if not torch.cuda.is_available():
+            build = torch.version.cuda
+            return (f"torch {torch.__version__} sees no CUDA GPU" +
+                    (" (it is a CPU-only build)" if build is None else
+                     f" (built for CUDA {build}: check the driver and CUDA_VISIBLE_DEVICES)"))
+        return (f"GPU index {self.options.index} requested, {torch.cuda.device_count()} "
+                "visible")
 
     def _dtype(self) -> torch.dtype | None:
         p = self.options.precision
@@ -109,26 +186,59 @@ class CUDABackend:
 
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.available() else "unavailable"
-        return f"cuda:{self.options.index} ({name}, {self.options.precision})"
+        dtype = self._dtype() if self.available() else None
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        tf32 = ", tf32" if self.options.tf32 else ""
+        return f"cuda:{self.options.index} ({name}, {precision}{tf32}{self._flags()})"
 
 
 @attrs.frozen
 class MPSOptions:
-    fallback: bool = option(True, doc="run ops MPS lacks on the CPU (PYTORCH_ENABLE_MPS_FALLBACK)")
+    fallback: bool = option(True, doc="run ops MPS lacks on the CPU (needs "
+                            "PYTORCH_ENABLE_MPS_FALLBACK=1 when the process starts)")
+    channels_last: bool = option(False, doc="NHWC memory format for the vision tower")
+    compile: bool = option(False, doc=_compile_doc())
+    compile_backend: str = option("inductor", doc="torch.compile backend")
+    compile_mode: str = option("", doc="torch.compile mode ('' default, 'max-autotune', ...)")
 
 
-class MPSBackend:
+class MPSBackend(_Prepare):
+    """Apple-silicon GPUs. Operators MPS lacks can run on the CPU, but only if
+    ``PYTORCH_ENABLE_MPS_FALLBACK=1`` was in the environment when torch was imported (torch
+    registers the fallback at import), so the backend can only check it and say how to set it.
+    It is also exported for child processes (DataLoader workers, torchrun)."""
+
     name = "mps"
     Options = MPSOptions
 
     def __init__(self, options: MPSOptions | None = None) -> None:
         self.options = options or MPSOptions()
-        if self.options.fallback:
-            os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+        self.fallback_active = _MPS_FALLBACK_AT_START
         self.device = torch.device("mps")
+        if self.options.fallback and self.available():
+            os.environ.setdefault(MPS_FALLBACK_ENV, "1")
 
     def available(self) -> bool:
         return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+    def why_unavailable(self) -> str:
+        if not torch.backends.mps.is_built():
+            return f"torch {torch.__version__} was built without MPS (Apple silicon, macOS only)"
+        return "MPS is built in but not usable here (it needs macOS 12.3+ on Apple silicon)"
+
+    def fallback_hint(self) -> str:
+        return (f"start mmfw with {MPS_FALLBACK_ENV}=1 in the environment (e.g. "
+                f"`{MPS_FALLBACK_ENV}=1 mmfw run recipe.toml`): torch reads it at import, so "
+                "setting it later has no effect")
+
+    def explain(self, error: BaseException) -> str | None:
+        text = str(error)
+        if "MPS" not in text and "mps" not in text:
+            return None
+        if self.fallback_active:
+            return f"an operator failed on MPS even with the CPU fallback on: {text}"
+        return (f"an operator is not implemented on MPS: {text.splitlines()[0]}\n"
+                f"  {self.fallback_hint()}; or use backend.name = \"cpu\"")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -145,7 +255,13 @@ class MPSBackend:
         return {"allocated_mb": torch.mps.current_allocated_memory() / 2**20}
 
     def describe(self) -> str:
-        return f"mps (cpu fallback {'on' if self.options.fallback else 'off'})"
+        if self.fallback_active:
+            state = "cpu fallback on"
+        elif self.options.fallback:
+            state = f"cpu fallback OFF: {self.fallback_hint()}"
+        else:
+            state = "cpu fallback off"
+        return f"mps ({state}{self._flags()})"
 
 
 @attrs.frozen
@@ -155,19 +271,27 @@ class AutoOptions:
     )
     threads: int = option(0, doc="CPU threads when it falls back to the CPU",
                           validator=attrs.validators.ge(0))
+    tf32: bool = option(True, doc="on CUDA: allow TF32 matmuls and convolutions")
+    channels_last: bool = option(False, doc="NHWC memory format for the vision tower")
+    compile: bool = option(False, doc=_compile_doc())
+    compile_backend: str = option("inductor", doc="torch.compile backend")
+    compile_mode: str = option("", doc="torch.compile mode ('' default, 'max-autotune', ...)")
 
 
-def auto_backend(options: AutoOptions | None = None):
+def auto_backend(options: AutoOptions | None = None) -> CUDABackend | MPSBackend | CPUBackend:
     """The best available backend: CUDA, then MPS, then CPU."""
     o = options or AutoOptions()
     prec = o.precision
-    cuda = CUDABackend(CUDAOptions(precision="bf16" if prec == "auto" else prec))
-    if cuda.available():
-        return cuda
-    mps = MPSBackend()
+    shared = dict(channels_last=o.channels_last, compile=o.compile,
+                  compile_backend=o.compile_backend, compile_mode=o.compile_mode)
+    if torch.cuda.is_available():
+        return CUDABackend(CUDAOptions(precision="bf16" if prec == "auto" else prec, tf32=o.tf32,
+                                       **shared))
+    mps = MPSBackend(MPSOptions(**shared))
     if mps.available():
         return mps
-    return CPUBackend(CPUOptions(threads=o.threads, precision="bf16" if prec == "bf16" else "fp32"))
+    return CPUBackend(CPUOptions(threads=o.threads, precision="bf16" if prec == "bf16" else "fp32",
+                                 **shared))
 
 
 auto_backend.Options = AutoOptions  # type: ignore[attr-defined]

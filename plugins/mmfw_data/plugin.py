@@ -2,15 +2,29 @@
 
 from mmfw.hookspecs import hookimpl
 
-from .samplers import RandomSampler
+from .karpathy import KarpathyDataset
+from .samplers import BalancedSampler, CurriculumSampler, RandomSampler, SemanticGroupsSampler
+from .shards import WebDataset
 from .synthetic import SyntheticDataset
+from .tabular import CsvDataset, JsonlDataset
 
 
 @hookimpl
 def mmfw_datasets():
-    return {"synthetic": SyntheticDataset}
+    return {
+        "synthetic": SyntheticDataset,
+        "karpathy": KarpathyDataset,
+        "csv": CsvDataset,
+        "jsonl": JsonlDataset,
+        "webdataset": WebDataset,
+    }
 
 
 @hookimpl
 def mmfw_samplers():
-    return {"random": RandomSampler}
+    return {
+        "random": RandomSampler,
+        "semantic-groups": SemanticGroupsSampler,
+        "balanced": BalancedSampler,
+        "curriculum": CurriculumSampler,
+    }

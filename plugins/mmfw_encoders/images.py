@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import attrs
 import torch
 from PIL import Image
 from torch import Tensor
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 
@@ -30,3 +32,62 @@ def normalise(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> Ten
     m = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
     return x.sub_(m).div_(s)
+
+
+def rgb_tensor(image: Image.Image | Tensor) -> Tensor:
+    """PIL image (any mode: L, RGBA, P, ...) or ``[C, H, W]`` tensor to a ``[3, H, W]`` tensor."""
+    if isinstance(image, Image.Image):
+        return TF.pil_to_tensor(image.convert("RGB"))
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"expected an image [3, H, W], got shape {tuple(image.shape)}")
+    if image.shape[0] == 1:
+        return image.expand(3, -1, -1)
+    return image[:3]
+
+
+#: PIL resampling codes (as stored in image-processor configs) -> torchvision modes
+_INTERPOLATION = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR,
+                  3: InterpolationMode.BICUBIC}
+
+
+@attrs.frozen
+class Pipeline:
+    """Resize, centre-crop, rescale and normalise: the values of an image processor, applied
+    with torchvision ops on tensors (no per-image processor call, no PIL round trip).
+
+    ``size`` is an exact ``(height, width)``, or ``shortest`` resizes the shorter side to
+    ``size[0]`` keeping the aspect ratio; ``crop`` is the centre crop taken after resizing.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    shortest: bool = False
+    crop: tuple[int, int] | None = None
+    resample: int = 3
+    rescale: float = 1 / 255
+    normalize: bool = True
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return self.crop or self.size
+
+    def __call__(self, image: Image.Image | Tensor) -> Tensor:
+        x = rgb_tensor(image)
+        mode = _INTERPOLATION.get(int(self.resample), InterpolationMode.BICUBIC)
+        if self.shortest:
+            h, w = x.shape[-2:]
+            s = self.size[0]
+            hw = [s, max(1, round(w * s / h))] if h <= w else [max(1, round(h * s / w)), s]
+        else:
+            hw = list(self.size)
+        if list(x.shape[-2:]) != hw:
+            x = TF.resize(x, hw, interpolation=mode, antialias=True)
+        if self.crop is not None and tuple(x.shape[-2:]) != self.crop:
+            x = TF.center_crop(x, list(self.crop))
+        x = x.float() * self.rescale if x.dtype == torch.uint8 else x.float()
+        if self.normalize:
+            m = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+            s_ = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+            x = (x - m) / s_
+        return x

@@ -1,10 +1,29 @@
-"""Built-in encoders, registered through the ``mmfw`` entry point ``encoders``."""
+"""Built-in encoders, registered through the ``mmfw`` entry point ``encoders``.
+
+Besides the encoders, the plugin serves the known-model table (true widths) and the size
+presets through the ``mmfw_models`` / ``mmfw_presets`` hooks.
+"""
 
 from mmfw.hookspecs import hookimpl
 
+from .hf_text import HFText
+from .hf_vision import HFVision
+from .known_models import MODELS, PRESETS
 from .scratch import ScratchText, ScratchVision
+from .timm_vision import TimmVision
 
 
 @hookimpl
 def mmfw_encoders():
-    return {"scratch-vision": ScratchVision, "scratch-text": ScratchText}
+    return {"scratch-vision": ScratchVision, "scratch-text": ScratchText, "hf-text": HFText,
+            "hf-vision": HFVision, "timm-vision": TimmVision}
+
+
+@hookimpl
+def mmfw_models():
+    return [dict(row) for row in MODELS]
+
+
+@hookimpl
+def mmfw_presets():
+    return {name: dict(preset) for name, preset in PRESETS.items()}

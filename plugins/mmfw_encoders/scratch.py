@@ -7,7 +7,7 @@ run's training captions (``prepare``) and saved in the run directory (``save_ass
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from mmfw.options import option
 
+from .groups import ordered, timm_groups
 from .images import normalise, to_tensor
 
 _pos = attrs.validators.ge(1)
@@ -67,6 +68,9 @@ class ScratchVision(nn.Module):
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.model(pixels)
+
+    def named_groups(self) -> dict[str, list[str]]:
+        return timm_groups(self.model, prefix="model.")
 
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
@@ -183,3 +187,10 @@ class ScratchText(nn.Module):
             return x[:, 0]
         m = mask.unsqueeze(-1).to(x.dtype)
         return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def named_groups(self) -> dict[str, list[str]]:
+        layers: dict[int, list[str]] = defaultdict(list)
+        for name, _ in self.layers.named_parameters(prefix="layers"):
+            layers[int(name.split(".")[2])].append(name)  # layers.layers.<i>.<...>
+        return ordered(["embed.weight", "pos"], layers,
+                       [n for n, _ in self.norm.named_parameters(prefix="norm")])

@@ -2,9 +2,16 @@
 
 from mmfw.hookspecs import hookimpl
 
-from .lr import Constant, WarmupCosine
+from .lr import Constant, OneCycle, WarmupCosine
+from .stages import ProgressiveUnfreeze, ThreeStage
 
 
 @hookimpl
 def mmfw_schedulers():
-    return {"constant": Constant, "warmup-cosine": WarmupCosine}
+    return {
+        "constant": Constant,
+        "warmup-cosine": WarmupCosine,
+        "onecycle": OneCycle,
+        "three-stage": ThreeStage,
+        "progressive-unfreeze": ProgressiveUnfreeze,
+    }

@@ -1,0 +1,93 @@
+"""What the collapse diagnostics cost per training step (not a test).
+
+Builds the engine's ``Trainer`` from a recipe (default: the quickstart) and, in one process,
+times the engine's own step (``_set_lr`` + ``train_step``) and the two diagnostics calls a
+diagnostics step adds (``record_gradients`` after backward, ``check``: batch statistics, the
+probe batch embedded in eval mode, one metrics row). The overhead at ``diagnostics.every`` is
+
+    (record_gradients + check) / every / step
+
+Steps and checks are interleaved after a warm-up, so background load hits both alike; medians.
+
+    python benchmarks/diagnostics_overhead.py                       # quickstart, 1 thread
+    python benchmarks/diagnostics_overhead.py --threads 2 --steps 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.toml"))
+    ap.add_argument("--steps", type=int, default=60, help="timed training steps")
+    ap.add_argument("--checks", type=int, default=12, help="timed diagnostics calls")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--out", default=None, help="write the result as JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import mmfw
+    from mmfw.engine import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = mmfw.load_recipe(args.recipe, [*args.overrides, f"run.output_dir={tmp}",
+                                                "run.progress=false", "backend.name=cpu",
+                                                f"backend.threads={args.threads}"])
+        every = recipe.diagnostics.every or 50
+        trainer = Trainer(recipe, overwrite=True, console=lambda _: None)
+        trainer.model.train()
+        diag = trainer.diagnostics
+        if not diag.every:
+            sys.exit("diagnostics.every is 0 in this recipe: nothing to measure")
+        step_s, grad_s, check_s = [], [], []
+        batches = iter(trainer.loader)
+        warmup = 5
+        for i in range(warmup + args.steps):
+            batch = next(batches)
+            trainer._set_lr()
+            t0 = time.perf_counter()
+            _, img, txt = trainer.train_step(batch)
+            t1 = time.perf_counter()
+            trainer.step += 1
+            if i >= warmup:
+                step_s.append(t1 - t0)
+            if i >= warmup and (i - warmup) % max(1, args.steps // args.checks) == 0:
+                t0 = time.perf_counter()
+                diag.record_gradients()  # the gradients of this step are still in .grad
+                t1 = time.perf_counter()
+                diag.check(batch, img, txt)
+                t2 = time.perf_counter()
+                grad_s.append(t1 - t0)
+                check_s.append(t2 - t1)
+                trainer.model.train()
+    step, grad, check = (statistics.median(x) for x in (step_s, grad_s, check_s))
+    result = {
+        "recipe": Path(args.recipe).name, "threads": args.threads,
+        "batch_size": recipe.sampler.batch_size, "embed_dim": recipe.model.embed_dim,
+        "probe_size": int(diag.probe.image_ids.shape[0]) if diag.probe is not None else 0,
+        "every": every, "step_ms": 1e3 * step, "record_gradients_ms": 1e3 * grad,
+        "check_ms": 1e3 * check, "overhead_pct": 100 * (grad + check) / every / step,
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

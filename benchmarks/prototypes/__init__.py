@@ -1,0 +1,1 @@
+"""Changes measured here before they are proposed for the plugins (benchmarks only)."""

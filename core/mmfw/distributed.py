@@ -1,0 +1,112 @@
+"""torch.distributed as torchrun sets it up: who we are, and gathering features across ranks.
+
+mmfw starts no processes of its own: ``torchrun --nproc_per_node N -m mmfw run R`` starts them
+and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous variables; this module reads
+them. The contrastive loss must see the global batch, so embeddings (and their ids) are
+all-gathered. ``gather_with_grad`` keeps the autograd graph: its backward sums, for each rank's
+slice, the gradients every rank computed, so with every rank evaluating the same global loss and
+DDP averaging, each parameter gets exactly the single-process gradient of the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import attrs
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@attrs.frozen
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> World:
+    """The process's place in the job, from torchrun's environment (one process without it)."""
+    def env(name: str, default: int) -> int:
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            return default
+
+    return World(env("RANK", 0), env("WORLD_SIZE", 1), env("LOCAL_RANK", 0))
+
+
+def init(device: torch.device, timeout_minutes: float = 30.0) -> World:
+    """Join the process group torchrun prepared (gloo on CPU, nccl on CUDA); idempotent."""
+    world = world_from_env()
+    if world.distributed and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    return world
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _sizes(x: Tensor) -> list[int]:
+    n = torch.tensor([x.shape[0]], device=x.device)
+    out = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, n)
+    return [int(v) for v in out]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every rank in rank order, differentiable (rows may differ)."""
+    if not active():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = _sizes(x)
+    pad = max(sizes) - x.shape[0]
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad)) if pad else x
+    parts = all_gather(padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+
+@torch.no_grad()
+def gather(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (ids, eval embeddings) from every rank in rank order, no graph."""
+    if not active():
+        return x
+    sizes = _sizes(x)
+    pad = max(sizes) - x.shape[0]
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad)) if pad else x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
