@@ -1,11 +1,13 @@
 """Data-pipeline throughput from Karpathy-format image files (not a test).
 
-Writes N synthetic scenes (mmfw's ``synthetic`` drawings and captions) as JPEG and/or PNG files
-plus a ``dataset_*.json`` Karpathy split file into a temporary folder, then reads them back the
-way training does: ``mmfw.create("dataset", "karpathy", annotations=..., images=...)``, the
-engine's ``Pairs`` / random sampler / ``Collate`` (decode, resize, normalise, tokenize) in a
-``DataLoader`` with 1 and 2 worker processes, with and without the ``karpathy`` dataset's
-decoded-image cache. Epoch 1 fills a cache, epoch 2 reads from it, so both are reported.
+Writes N synthetic scenes (mmfw's ``synthetic`` drawings and captions, with pixel noise so the
+files have a photo's size) as JPEG and/or PNG files plus a ``dataset_*.json`` Karpathy split
+file into a temporary folder, then reads them back exactly as training does: a
+``mmfw.engine.Trainer`` built from a recipe with ``data.dataset = "karpathy"``, whose
+``loader`` is the engine's own pipeline (pre-training scan, ``Pairs``, random sampler,
+``Collate``: decode, resize, normalise, tokenize), with ``data.num_workers`` 1 and 2, and
+``data.cache`` off and on (the memory-mapped cache of decoded images: epoch 1 fills it, epoch 2
+reads it, so both epochs are reported). No model step runs: this is the input side alone.
 
     python benchmarks/data_throughput.py --images 1000 --workers 1 2 --formats jpeg png
 """
@@ -20,14 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import attrs
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 import mmfw
-from mmfw.batching import Collate, Pairs
-from mmfw.registry import options_class
+from mmfw.engine import Trainer
 
 HERE = Path(__file__).resolve().parent
 EXT = {"jpeg": "jpg", "png": "png"}
@@ -62,51 +61,41 @@ def write_karpathy(root: Path, n: int, side: int, fmt: str, noise: float) -> Pat
     return ann
 
 
-def cache_settings() -> list[tuple[str, dict[str, Any]]]:
-    """(label, options) for the cache off and on, from the ``karpathy`` options that name a
-    cache (its exact option is another engineer's; found, not assumed)."""
-    cls = options_class("dataset", "karpathy")
-    fields = [f for f in attrs.fields(cls) if "cache" in f.name] if cls is not None else []
-    if not fields:
-        return [("no cache option", {})]
-    f = fields[0]
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if "bool" in kind:
-        return [(f"{f.name}=false", {f.name: False}), (f"{f.name}=true", {f.name: True})]
-    if "int" in kind or "float" in kind:
-        return [(f"{f.name}=0", {f.name: 0}), (f"{f.name}=4096", {f.name: 4096})]
-    return [(f"{f.name}=''", {f.name: ""}), (f"{f.name}=<tmp dir>", {f.name: "<tmp>"})]
+def recipe(a: argparse.Namespace, ann: Path, images: Path, workers: int, cache: str,
+           out: Path) -> dict[str, Any]:
+    return {
+        "run": {"name": "data", "output_dir": str(out), "progress": False},
+        "backend": {"name": "cpu", "threads": a.threads},
+        "data": {"dataset": "karpathy", "annotations": str(ann), "images": str(images),
+                 "num_workers": workers, "cache": cache},
+        "sampler": {"name": "random", "batch_size": a.batch_size, "drop_last": False},
+        "model": {"embed_dim": 128,
+                  "vision": {"name": "scratch-vision", "image_size": a.image_size,
+                             "patch_size": 16},
+                  "text": {"name": "scratch-text"}},
+        "eval": {"val_split": ""},
+    }
 
 
-def run(ann: Path, images: Path, options: dict[str, Any], workers: int, batch_size: int,
-        epochs: int, image_size: int, tmp: Path) -> dict[str, Any]:
-    options = {k: (str(tmp / "cache") if v == "<tmp>" else v) for k, v in options.items()}
-    data = mmfw.create("dataset", "karpathy", annotations=str(ann), images=str(images),
-                       **options)
-    split = data.split("train")
-    pairs = Pairs(split)
-    vision = mmfw.create("encoder", "scratch-vision", image_size=image_size, patch_size=16)
-    text = mmfw.create("encoder", "scratch-text")
-    text.prepare(pairs.texts())
-    sampler = mmfw.create("sampler", "random", match_ids=pairs.items, batch_size=batch_size,
-                          seed=0, drop_last=False)
-    loader = DataLoader(pairs, batch_sampler=sampler,
-                        collate_fn=Collate(vision.preprocess, text.tokenize, sampler.match_ids),
-                        num_workers=workers, persistent_workers=workers > 0)
-    epoch_s, first_batch_s = [], None
-    for epoch in range(epochs):
-        sampler.set_epoch(epoch)
+def run(a: argparse.Namespace, ann: Path, images: Path, workers: int, cache: str,
+        out: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    trainer = Trainer(mmfw.load_recipe(recipe(a, ann, images, workers, cache, out)),
+                      overwrite=True, console=lambda _msg: None)
+    setup_s = time.perf_counter() - t0  # annotation read, image scan, tokenizer, model
+    epoch_s, first_batch_s, n = [], 0.0, 0
+    for epoch in range(a.epochs):
+        trainer.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         n = 0
-        for k, batch in enumerate(loader):
+        for k, batch in enumerate(trainer.loader):
             if k == 0 and epoch == 0:
                 first_batch_s = time.perf_counter() - t0
             n += len(batch)
         epoch_s.append(time.perf_counter() - t0)
-    del loader
-    return {"pairs": len(pairs), "images": len(split), "epoch_s": epoch_s,
-            "pairs_per_s": [len(pairs) / s for s in epoch_s],
-            "first_batch_s": first_batch_s, "pairs_counted": n}
+    del trainer
+    return {"setup_s": setup_s, "epoch_s": epoch_s, "pairs_per_epoch": n,
+            "pairs_per_s": [n / s for s in epoch_s], "first_batch_s": first_batch_s}
 
 
 def main() -> None:
@@ -122,23 +111,23 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
     ap.add_argument("--json", default=str(HERE / "results" / "data_throughput.json"))
+    ap.add_argument("--no-workers-0", action="store_true",
+                    help="skip the main-process baseline (num_workers = 0)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if "karpathy" not in mmfw.available("dataset"):
         raise SystemExit("the 'karpathy' dataset is not installed yet (plugins/mmfw_data): "
                          "nothing to measure")
-    caches = cache_settings()
+    workers = a.workers if a.no_workers_0 else [0, *[w for w in a.workers if w]]
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, load {' '.join(load)}; "
-          f"{a.images} images of {a.side} px (noise {a.noise}), 5 captions each, resized to "
-          f"{a.image_size}, "
-          f"batch {a.batch_size}; cache options: {[c for c, _ in caches]}")
+          f"{a.images} images of {a.side} px (noise {a.noise}), 5 captions each (one pair per "
+          f"caption), resized to {a.image_size}, batch {a.batch_size}")
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(a),
-                              "loadavg": load, "runs": []}
-    header = f"{'format':<6} {'cache':<24} {'workers':>7} " + " ".join(
-        f"{f'epoch {e + 1} pairs/s':>17}" for e in range(a.epochs)) + f" {'1st batch s':>11}"
-    print(header)
+                              "torch": torch.__version__, "loadavg": load, "runs": []}
+    print(f"{'format':<6} {'data.cache':<10} {'workers':>7} {'setup s':>8} {'1st batch s':>11} "
+          + " ".join(f"{f'epoch {e + 1} pairs/s':>17}" for e in range(a.epochs)))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for fmt in a.formats:
@@ -146,16 +135,18 @@ def main() -> None:
             t0 = time.perf_counter()
             ann = write_karpathy(root, a.images, a.side, fmt, a.noise)
             size = sum(p.stat().st_size for p in (root / "images").iterdir())
-            print(f"# {fmt}: wrote {a.images} files, {size / 2**20:.1f} MiB, "
-                  f"{time.perf_counter() - t0:.1f}s")
-            for label, options in caches:
-                for w in a.workers:
-                    r = run(ann, root / "images", options, w, a.batch_size, a.epochs,
-                            a.image_size, tmp / f"{fmt}-{w}")
-                    r.update(format=fmt, cache=label, workers=w, bytes=size)
+            print(f"# {fmt}: wrote {a.images} files, {size / 2**20:.1f} MiB "
+                  f"({time.perf_counter() - t0:.1f}s)")
+            for cached in (False, True):
+                for w in workers:
+                    name = f"{fmt}-{'cache' if cached else 'nocache'}-{w}"
+                    cache = str(tmp / "cache" / name) if cached else ""  # a fresh cache each
+                    r = run(a, ann, root / "images", w, cache, tmp / "runs" / name)
+                    r.update(format=fmt, cache=cached, workers=w, bytes=size)
                     result["runs"].append(r)
-                    print(f"{fmt:<6} {label:<24} {w:>7} " + " ".join(
-                        f"{v:>17.0f}" for v in r["pairs_per_s"]) + f" {r['first_batch_s']:>11.2f}")
+                    print(f"{fmt:<6} {'on' if cached else 'off':<10} {w:>7} "
+                          f"{r['setup_s']:>8.1f} {r['first_batch_s']:>11.2f} "
+                          + " ".join(f"{v:>17.0f}" for v in r["pairs_per_s"]))
     path = Path(a.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -57,6 +57,11 @@ class Encoder(Protocol):
     ``named_parameters()`` of the encoder) by group, ordered from input to output:
     ``"embeddings"``, ``"layers.0"`` ... ``"layers.N-1"``, ``"head"`` (final norm / pooler).
     Freezing patterns, layer-wise LR decay and progressive unfreezing are expressed on these.
+
+    Optional (cross-modal fusion, ``[model.fusion]``): ``forward_tokens(inputs) -> (tokens
+    [B, L, width], mask [B, L] bool)``, the token features before pooling (``mask`` true on real
+    tokens; ``width`` may differ from ``dim``), and ``pool_tokens(tokens, mask) -> [B, dim]``
+    with ``pool_tokens(*forward_tokens(x)) == forward(x)``, so one pass gives both.
     """
 
     dim: int

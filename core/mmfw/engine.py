@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import distributed
 from .augment import Mixer, mix_targets
 from .batching import Batch
 from .contracts import StagePlan
@@ -24,7 +26,7 @@ from .diagnostics import Diagnostics
 from .errors import MmfwError, RecipeError, ResumeError
 from .evaluation import evaluate_split
 from .gradcache import gradcache_step, naive_step
-from .model import DualEncoder, build_model
+from .model import DualEncoder, build_model, fused_forward, fusion_of
 from .params import ParamTable, balance_towers, lr_multipliers
 from .plots import run_plots
 from .recipe import Recipe, load_recipe
@@ -82,8 +84,10 @@ def _optimizer(params: list[dict], recipe: Recipe, device: torch.device) -> torc
 
 
 class _Console:
-    def __init__(self, out: Callable[[str], None] | None) -> None:
+    def __init__(self, out: Callable[[str], None] | None, *, main: bool = True) -> None:
         self.out = out if out is not None else (lambda s: print(s, flush=True))
+        if not main:  # under torchrun only rank 0 talks
+            self.out = lambda s: None
 
     def __call__(self, msg: str) -> None:
         self.out(msg)
@@ -103,16 +107,55 @@ def similarity_stats(image: torch.Tensor, text: torch.Tensor, image_ids: torch.T
             "sim/std": sim.std()}
 
 
+class _GlobalBatch(nn.Module):
+    """The loss on the global batch under torchrun: every rank's embeddings, gathered with
+    their graphs (rank order), and ids and per-row context (teacher embeddings) without.
+    Every rank computes the same loss; DDP's averaging then gives each parameter the
+    single-process gradient of the concatenated batch (see distributed.py)."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.inner = loss
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, *,
+                image_ids: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
+                **context: Any) -> Any:
+        for key, n in (("teacher_image", image.shape[0]), ("teacher_text", text.shape[0])):
+            v = context.get(key)
+            if torch.is_tensor(v) and v.shape[0] == n:
+                context[key] = distributed.gather(v)
+        return self.inner(distributed.gather_with_grad(image),
+                          distributed.gather_with_grad(text),
+                          image_ids=None if image_ids is None else distributed.gather(image_ids),
+                          text_ids=None if text_ids is None else distributed.gather(text_ids),
+                          **context)
+
+
+def _average_gradients(params: list[torch.Tensor], world_size: int) -> None:
+    """All-reduce-average the gradients of ``params`` (one flat buffer, one collective)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or world_size < 2:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 class Trainer:
-    """Holds everything a run needs; ``fit`` trains, ``final_eval`` writes metrics.json."""
+    """Holds everything a run needs; ``fit`` trains, ``final_eval`` writes metrics.json.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank builds a Trainer: ``sampler.batch_size`` is
+    the global contrastive batch, each rank embeds ``batch_size / world_size`` of it, the loss
+    sees all of it (gathered); rank 0 alone writes the run directory, logs and evaluates, and
+    its stop decisions are broadcast so that all ranks stop together.
+    """
 
     def __init__(self, recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
                  console: Callable[[str], None] | None = None) -> None:
-        self.recipe, self.say = recipe, _Console(console)
-        self.run_dir = run_dir_of(recipe)
-        self.ckpt_dir = self.run_dir / CHECKPOINTS
-        self._prepare_run_dir(resume, overwrite)
-
         r = recipe
         self.backend = create("backend", r.backend.name, options=r.backend.options)
         if not self.backend.available():
@@ -120,11 +163,29 @@ class Trainer:
             reason = f": {why()}" if callable(why) else ""
             raise MmfwError(f"backend '{r.backend.name}' is not available on this machine"
                             f"{reason} (set backend.name = \"auto\" to pick what is)")
+        self.world = distributed.init(self.backend.device)
         self.device = self.backend.device
+        if self.world.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)  # one GPU per process
+            with contextlib.suppress(AttributeError):  # a backend with a fixed device
+                self.backend.device = self.device
+        self.recipe, self.say = recipe, _Console(console, main=self.world.is_main)
+        self.run_dir = run_dir_of(recipe)
+        self.ckpt_dir = self.run_dir / CHECKPOINTS
+        self._prepare_run_dir(resume, overwrite)
         self.backend.seed(r.run.seed)
 
-        # dataset, bad-data scan (data.on_bad) before training, train pairs or stream
-        self.data = TrainingData(r, self.run_dir, self.say, rank=0, world_size=1)
+        # dataset, bad-data scan (data.on_bad) before training, train pairs or stream;
+        # each rank's sampler makes batches of batch_size / world_size (its share of a step)
+        w = self.world.world_size
+        if r.sampler.batch_size % w:
+            raise RecipeError(f"sampler.batch_size is the global batch of all {w} processes "
+                              "and must divide evenly among them", key="sampler.batch_size",
+                              expected=f"a multiple of {w}", given=r.sampler.batch_size)
+        local = attrs.evolve(r, sampler=attrs.evolve(r.sampler,
+                                                     batch_size=r.sampler.batch_size // w))
+        self.data = TrainingData(local if w > 1 else r, self.run_dir, self.say,
+                                 rank=self.world.rank, world_size=w)
         self.source, self.train_split, self.pairs = (self.data.source, self.data.split,
                                                      self.data.pairs)
 
@@ -132,10 +193,14 @@ class Trainer:
         if resume and self.start_step:
             self.model.load_assets(self.run_dir)
         else:
-            for enc in (self.model.vision, self.model.text):
-                if callable(getattr(enc, "prepare", None)):
-                    enc.prepare(self.pairs.texts())
-            self.model.save_assets(self.run_dir)
+            if self.world.is_main:
+                for enc in (self.model.vision, self.model.text):
+                    if callable(getattr(enc, "prepare", None)):
+                        enc.prepare(self.pairs.texts())
+                self.model.save_assets(self.run_dir)
+            distributed.barrier()
+            if not self.world.is_main:  # the same tokenizer on every rank: rank 0's
+                self.model.load_assets(self.run_dir)
         self.loss: nn.Module = create("loss", r.loss.name, options=r.loss.options)
         self.model.to(self.device)
         self.loss.to(self.device)
@@ -176,31 +241,36 @@ class Trainer:
                     f"length:\n  " + "\n  ".join(diff[:10]) +
                     "\nResume with the original recipe, or start a new run (--set run.name=...)"
                 )
-        elif existing:
-            if not overwrite:
-                raise MmfwError(
-                    f"run directory {d} already exists. Use --resume to continue it, "
-                    f"--overwrite to start it again, or --set run.name=<new name>"
-                )
-            shutil.rmtree(d)
-        d.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_text(d / RECIPE_FILE, r.to_toml())
+        elif existing and not overwrite:
+            raise MmfwError(
+                f"run directory {d} already exists. Use --resume to continue it, "
+                f"--overwrite to start it again, or --set run.name=<new name>"
+            )
+        distributed.barrier()  # every rank has looked before rank 0 changes anything
+        if self.world.is_main:
+            if existing and not resume:
+                shutil.rmtree(d)
+            d.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_text(d / RECIPE_FILE, r.to_toml())
+        distributed.barrier()
 
     def _log(self, row: dict[str, Any]) -> None:
+        if not self.world.is_main:
+            return
         with open(self.run_dir / METRICS_JSONL, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
     def _truncate_log(self, step: int) -> None:
         """Drop rows a killed run logged after the checkpoint it resumes from."""
         path = self.run_dir / METRICS_JSONL
-        if path.is_file():
+        if path.is_file() and self.world.is_main:
             keep = [ln for ln in path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= step]
             ckpt.atomic_text(path, "".join(ln + "\n" for ln in keep))
 
     # checkpoints ---------------------------------------------------------------------------
     def save(self) -> None:
-        if ckpt.latest(self.ckpt_dir) == self.step:
+        if not self.world.is_main or ckpt.latest(self.ckpt_dir) == self.step:
             return
         state = {"epoch": self.epoch, "sampler": self._sampler_state(),
                  "eval_history": self.eval_history, "recipe": self.recipe.digest()}
@@ -230,7 +300,8 @@ class Trainer:
         self.eval_history = list(state.get("eval_history", []))
         self._truncate_log(self.step)
         best_step, _, _ = self._best()
-        if best_step is not None and best_step in ckpt.list_steps(self.ckpt_dir):
+        if best_step is not None and best_step in ckpt.list_steps(self.ckpt_dir) \
+                and self.world.is_main:
             ckpt.mark_best(self.ckpt_dir, best_step, self._eval_at(best_step))
         self._apply_plan(self._current_plan())
         if state.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
@@ -261,6 +332,8 @@ class Trainer:
         self._announced: str | None = None
         self.step_stats: dict[str, Any] = {}
         self._apply_plan(self._current_plan())
+        self._ddp: nn.Module | None = None
+        self._ddp_key: tuple[bool, ...] = ()
         self.teacher = None
         distilling = "distillation" in self._loss_names()
         if distilling and not r.distill.teacher:
@@ -371,17 +444,53 @@ class Trainer:
         """Loss and gradients of one batch: whole, or in ``optim.accumulate`` micro-batches
         (GradCache keeps the loss on the whole batch; ``naive`` averages micro-batch losses)."""
         o = self.recipe.optim
-        loss = mix_targets(self.loss, batch)  # soft targets when the images were mixed
+        dist_on = self.world.distributed
+        # soft targets when the images were mixed; the global batch under torchrun
+        loss = mix_targets(_GlobalBatch(self.loss) if dist_on else self.loss, batch)
         scale = self.scaler.scale if self.scaler is not None else _unscaled
         fmt = getattr(self.backend, "memory_format", None)
         if fmt is not None and batch.pixels.dim() == 4:
             batch.pixels = batch.pixels.contiguous(memory_format=fmt)
+        if fusion_of(self.model) is not None:  # [model.fusion]: the ITM scorer in the context
+            return self._fused_forward_backward(batch, loss, scale, context)
         if o.accumulate > 1:
             run = gradcache_step if o.accumulate_mode == "gradcache" else naive_step
-            return run(self.model, loss, batch, o.accumulate,
-                       autocast=self.backend.autocast, scale=scale, context=context)
+            result = run(self.model, loss, batch, o.accumulate,
+                         autocast=self.backend.autocast, scale=scale, context=context)
+            if dist_on:  # micro-batches bypass DDP's forward: average every gradient here
+                _average_gradients(self._params(), self.world.world_size)
+            return result
         with self.backend.autocast():
-            img, txt = self.model(batch.pixels, batch.tokens)
+            img, txt = (self._ddp_model() if dist_on else self.model)(batch.pixels,
+                                                                       batch.tokens)
+            out = loss(img, txt, image_ids=batch.image_ids, text_ids=batch.text_ids,
+                       **context)
+        scale(out.loss).backward()
+        if dist_on:  # the loss's own parameters (temperature): equal already, kept so
+            _average_gradients(list(self.loss_module.parameters()), self.world.world_size)
+        return out, img, txt
+
+    def _ddp_model(self) -> nn.Module:
+        """The model in DistributedDataParallel, rebuilt when a stage freezes or unfreezes
+        parameters (DDP reduces only what was trainable when it was built)."""
+        key = tuple(p.requires_grad for p in self.model.parameters())
+        if self._ddp is None or key != self._ddp_key:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=True)
+            self._ddp_key = key
+        return self._ddp
+
+    def _fused_forward_backward(self, batch: Any, loss: Any, scale: Callable, context: dict
+                                ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """One whole batch with [model.fusion]: token features from the same forward pass,
+        and ``match(image_rows, text_rows)`` (ITM logits of in-batch pairs) in the context."""
+        if self.recipe.optim.accumulate > 1 or self.world.distributed:
+            raise MmfwError("[model.fusion] is not supported yet with optim.accumulate > 1 or "
+                            "distributed training: set optim.accumulate = 1 and run on one "
+                            "process, or remove [model.fusion]")
+        with self.backend.autocast():
+            img, txt, context = fused_forward(self.model, batch.pixels, batch.tokens, context)
             out = loss(img, txt, image_ids=batch.image_ids, text_ids=batch.text_ids,
                        **context)
         scale(out.loss).backward()
@@ -432,7 +541,7 @@ class Trainer:
                 lr = self._set_lr()
                 out, img, txt = self._guarded_step(batch)
                 self.step += 1
-                n_log += len(batch)
+                n_log += len(batch) * self.world.world_size  # samples/s of the global batch
                 if self.step % r.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     row = self._train_row(out, img, txt, batch, lr, n_log / (now - t_log))
@@ -442,9 +551,12 @@ class Trainer:
                     self._show(bar, row)
                 if bar is not None:
                     bar.update(1)
-                if self.diagnostics.due(self.step) and self.diagnostics.check(batch, img, txt) \
-                        and self.recipe.diagnostics.stop_on_collapse:
-                    stop = "collapse"
+                if self.diagnostics.due(self.step):
+                    fired = self.world.is_main and bool(self.diagnostics.check(batch, img, txt))
+                    if self.world.distributed:
+                        fired = bool(distributed.broadcast_object(fired))
+                    if fired and self.recipe.diagnostics.stop_on_collapse:
+                        stop = "collapse"
                 if r.checkpoint_every and self.step % r.checkpoint_every == 0 \
                         and self.step % self.steps_per_epoch and self.step < self.total_steps:
                     self.save()  # after this step's rows; epoch ends and the last step save anyway
@@ -452,6 +564,8 @@ class Trainer:
                     stop = "max_steps"
                 elif time.perf_counter() > deadline:
                     stop = "max_minutes"
+                if r.max_minutes and self.world.distributed:  # rank 0's clock decides
+                    stop = distributed.broadcast_object(stop)  # type: ignore[assignment]
                 if stop:
                     break
             if self.step >= (self.epoch + 1) * self.steps_per_epoch:
@@ -484,7 +598,12 @@ class Trainer:
         return row
 
     def _end_of_epoch(self) -> bool:
-        """Validate (when due), checkpoint, track the best; True when early stopping says stop."""
+        """Validate (when due), checkpoint, track the best; True when early stopping says stop.
+        Under torchrun rank 0 does it while the others wait for its decision."""
+        stop = self._end_of_epoch_main() if self.world.is_main else False
+        return bool(distributed.broadcast_object(stop))
+
+    def _end_of_epoch_main(self) -> bool:
         e = self.recipe.eval
         validated = (e.val_split and self.epoch % e.every_epochs == 0
                      and e.val_split in self.source.splits)
@@ -534,7 +653,7 @@ class Trainer:
         e = self.recipe.eval
         return evaluate_split(self.model, self.source.split(split), batch_size=e.batch_size,
                               device=self.device, autocast=self.backend.autocast,
-                              max_images=e.max_images)
+                              max_images=e.max_images, rerank_top_k=e.rerank_top_k)
 
     def _train_row(self, out: Any, img: torch.Tensor, txt: torch.Tensor, batch: Any, lr: float,
                    samples_per_s: float) -> dict[str, Any]:
@@ -560,6 +679,14 @@ class Trainer:
                      f"sim gap {row['sim/gap']:.3f}")
 
     def final_eval(self) -> dict[str, float]:
+        """On rank 0 (the others receive its metrics)."""
+        if not self.world.is_main:
+            return distributed.broadcast_object(None)  # type: ignore[return-value]
+        metrics = self._final_eval()
+        distributed.broadcast_object(metrics)
+        return metrics
+
+    def _final_eval(self) -> dict[str, float]:
         split = self.recipe.eval.split
         best = ckpt.best(self.ckpt_dir) if self.recipe.eval.restore_best else None
         if best is not None and best != self.step:
@@ -612,9 +739,13 @@ def train(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool 
 
         return train_ensemble(recipe, resume=resume, overwrite=overwrite, console=console)
     t0 = time.perf_counter()
-    trainer = Trainer(recipe, resume=resume, overwrite=overwrite, console=console)
-    stopped_by = trainer.fit()
-    metrics = trainer.final_eval()
+    try:
+        trainer = Trainer(recipe, resume=resume, overwrite=overwrite, console=console)
+        stopped_by = trainer.fit()
+        metrics = trainer.final_eval()
+        distributed.barrier()  # no rank leaves while another still talks to it
+    finally:
+        distributed.shutdown()  # a no-op without torchrun
     seconds = time.perf_counter() - t0
     trainer.say(f"final {recipe.eval.split}: " + _fmt(metrics))
     trainer.say(f"run directory: {trainer.run_dir} ({seconds:.0f}s, {trainer.step} steps, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ class DualEncoder(nn.Module):
     """
 
     def __init__(self, vision: nn.Module, text: nn.Module, vision_adapter: nn.Module,
-                 text_adapter: nn.Module) -> None:
+                 text_adapter: nn.Module, fusion: nn.Module | None = None) -> None:
         super().__init__()
         self.vision, self.text = vision, text
         self.vision_adapter, self.text_adapter = vision_adapter, text_adapter
+        #: ``[model.fusion]``: an image–text matching head over token features, or None
+        self.fusion = fusion
 
     @property
     def embed_dim(self) -> int:
@@ -35,8 +38,43 @@ class DualEncoder(nn.Module):
     def encode_text(self, tokens: dict[str, Tensor]) -> Tensor:
         return self.text_adapter(self.text(tokens))
 
-    def forward(self, pixels: Tensor, tokens: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        return self.encode_image(pixels), self.encode_text(tokens)
+    def forward(self, pixels: Tensor, tokens: dict[str, Tensor], with_tokens: bool = False
+                ) -> tuple[Tensor, ...]:
+        """``(image, text)`` embeddings; ``with_tokens`` adds each side's token features and
+        masks from the same pass: ``(image, text, image_tokens, image_mask, text_tokens,
+        text_mask)`` (what the fusion head needs while training)."""
+        if not with_tokens:
+            return self.encode_image(pixels), self.encode_text(tokens)
+        img, vt, vm = _embed_with_tokens(self.vision, self.vision_adapter, pixels)
+        txt, tt, tm = _embed_with_tokens(self.text, self.text_adapter, tokens)
+        return img, txt, vt, vm, tt, tm
+
+    def encode_image_tokens(self, pixels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(embedding [B, D], tokens [B, L, w], mask [B, L])`` of images in one pass."""
+        return _embed_with_tokens(self.vision, self.vision_adapter, pixels)
+
+    def encode_text_tokens(self, tokens: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        return _embed_with_tokens(self.text, self.text_adapter, tokens)
+
+    def match_scores(self, image: Tensor | tuple[Tensor, Tensor],
+                     text: dict[str, Tensor] | tuple[Tensor, Tensor],
+                     pairs: tuple[Tensor, Tensor]) -> Tensor:
+        """ITM logits ``[P]`` of pairs ``(image_rows, text_rows)``.
+
+        ``image`` is pixels or ``(tokens, mask)``; ``text`` a tokenizer's dict or
+        ``(tokens, mask)``. Raw inputs are encoded here (one pass per call).
+        """
+        if self.fusion is None:
+            from .errors import MmfwError
+
+            raise MmfwError("this model has no fusion head: add [model.fusion] with "
+                            'name = "cross-attention" to the recipe')
+        if not isinstance(image, tuple):
+            image = self.encode_image_tokens(image)[1:]
+        if not isinstance(text, tuple):
+            text = self.encode_text_tokens(text)[1:]
+        (vt, vm), (tt, tm), (ri, rt) = image, text, pairs
+        return self.fusion(vt[ri], vm[ri], tt[rt], tm[rt])
 
     # encoders' own files (tokenizers) ---------------------------------------------------------
     def save_assets(self, run_dir: Path) -> None:
@@ -59,7 +97,55 @@ def build_model(cfg: ModelConfig) -> DualEncoder:
                out_dim=cfg.embed_dim)
         for enc in (vision, text)
     ]
-    return DualEncoder(vision, text, *adapters)
+    fusion = getattr(cfg, "fusion", None)
+    if fusion is None:
+        return DualEncoder(vision, text, *adapters)
+    for enc, section in ((vision, "model.vision"), (text, "model.text")):
+        if not callable(getattr(enc, "forward_tokens", None)):
+            from .errors import RecipeError
+
+            raise RecipeError(f"[model.fusion] needs token features, but encoder "
+                              f"'{type(enc).__name__}' has no forward_tokens()",
+                              key=f"{section}.name", expected="an encoder with forward_tokens "
+                              "(scratch-*, hf-*, timm-vision)")
+    head = create("adapter", fusion.name, options=fusion.options, in_dim=_token_dim(text),
+                  out_dim=cfg.embed_dim, other_dim=_token_dim(vision))
+    return DualEncoder(vision, text, *adapters, fusion=head)
+
+
+def _token_dim(enc: nn.Module) -> int:
+    return int(getattr(enc, "token_dim", enc.dim))
+
+
+def _embed_with_tokens(enc: nn.Module, adapter: nn.Module, x: Any
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """Adapted embedding, tokens and mask; one encoder pass where it has ``pool_tokens``."""
+    tokens, mask = enc.forward_tokens(x)
+    pool = getattr(enc, "pool_tokens", None)
+    pooled = pool(tokens, mask) if callable(pool) else enc(x)
+    return adapter(pooled), tokens, mask
+
+
+def fusion_of(model: nn.Module) -> nn.Module | None:
+    """The fusion head of a DualEncoder (or of one wrapped by DDP), None without one."""
+    return getattr(getattr(model, "module", model), "fusion", None)
+
+
+def fused_forward(model: nn.Module, pixels: Tensor, tokens: dict[str, Tensor],
+                  context: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Embeddings of one batch and the loss context with ``match(image_rows, text_rows)``:
+    the ITM logits of in-batch pairs from token features of this same forward pass."""
+    img, txt, vt, vm, tt, tm = model(pixels, tokens, with_tokens=True)
+    head = fusion_of(model)
+
+    def match(image_rows: Tensor, text_rows: Tensor) -> Tensor:
+        return head(vt[image_rows], vm[image_rows], tt[text_rows], tm[text_rows])
+
+    return img, txt, {**context, "match": match}
+
+
+#: what ``fused_forward`` adds to a loss context
+Match = Callable[[Tensor, Tensor], Tensor]
 
 
 def _encoder(name: str, options: Any, modality: str) -> nn.Module:

@@ -91,6 +91,9 @@ class EvalConfig:
                               validator=_ge0)
     restore_best: bool = option(False, doc="final evaluation and load_run use the best "
                                 "checkpoint by val rsum, not the last")
+    rerank_top_k: int = option(0, doc="re-score each query's top k by the [model.fusion] "
+                               "matching head and reorder them by it (0: off)",
+                               validator=_ge0)
 
 
 @attrs.frozen
@@ -192,6 +195,8 @@ class ModelConfig:
     preset: str = option("", doc="size preset (`mmfw list encoder --models`): fills the "
                          "[model.vision] / [model.text] sections the recipe leaves out, "
                          "embed_dim, and an identity adapter when the widths match")
+    #: optional [model.fusion]: cross-modal matching head (an adapter such as cross-attention)
+    fusion: Plugin | None = None
 
 
 @attrs.frozen
@@ -223,6 +228,7 @@ class Recipe:
                 "vision": _section(self.model.vision),
                 "text": _section(self.model.text),
                 "adapter": _section(self.model.adapter),
+                **({"fusion": _section(self.model.fusion)} if self.model.fusion else {}),
             },
             "loss": _section(self.loss),
             "optim": attrs.asdict(self.optim, value_serializer=_plain),
@@ -279,6 +285,7 @@ PLUGIN_SECTIONS: dict[str, tuple[str, str, str | None]] = {
     "model.vision": ("encoder", "name", None),
     "model.text": ("encoder", "name", None),
     "model.adapter": ("adapter", "name", "linear"),
+    "model.fusion": ("adapter", "name", None),
     "loss": ("loss", "name", "infonce"),
     "schedule": ("scheduler", "name", "warmup-cosine"),
 }
@@ -428,8 +435,9 @@ def from_dict(data: Mapping[str, Any], file: str | None = None) -> Recipe:
                               given=data[key] if not isinstance(data[key], Mapping) else
                               f"[{key}] table")
     model = apply_preset(_table(data, "model"))
-    model_core = {k: v for k, v in model.items() if k not in ("vision", "text", "adapter")}
-    for sub in ("vision", "text", "adapter"):
+    model_core = {k: v for k, v in model.items()
+                  if k not in ("vision", "text", "adapter", "fusion")}
+    for sub in ("vision", "text", "adapter", "fusion"):
         if sub in model and not isinstance(model[sub], Mapping):
             raise RecipeError("must be a table", key=f"model.{sub}",
                               expected=f"[model.{sub}] section", given=model[sub])
@@ -450,13 +458,15 @@ def from_dict(data: Mapping[str, Any], file: str | None = None) -> Recipe:
     vision, _ = _plugin("model.vision", dict(model["vision"]))
     text, _ = _plugin("model.text", dict(model["text"]))
     adapter, _ = _plugin("model.adapter", dict(model.get("adapter", {})))
+    fusion = _plugin("model.fusion", dict(model["fusion"]))[0] if "fusion" in model else None
     return Recipe(
         run=_section_build(RunConfig, "run", _table(data, "run")),
         backend=_plugin("backend", _table(data, "backend"))[0],
         data=_section_build(DataConfig, "data", data_core, {"dataset": dataset}),
         sampler=_section_build(SamplerConfig, "sampler", sampler_core, {"plugin": sampler}),
         model=_section_build(ModelConfig, "model", model_core,
-                             {"vision": vision, "text": text, "adapter": adapter}),
+                             {"vision": vision, "text": text, "adapter": adapter,
+                              "fusion": fusion}),
         loss=_plugin("loss", _table(data, "loss"))[0],
         optim=_section_build(OptimConfig, "optim", _table(data, "optim")),
         schedule=_plugin("schedule", _table(data, "schedule"))[0],

@@ -34,7 +34,7 @@ KINDS: dict[str, str] = {
 #: Keywords the engine passes to factories of each kind, besides the options.
 CONTEXT: dict[str, tuple[str, ...]] = {
     "encoder": (),
-    "adapter": ("in_dim", "out_dim"),
+    "adapter": ("in_dim", "out_dim", "other_dim"),  # other_dim: fusion's image width
     "loss": (),
     "sampler": ("match_ids", "batch_size", "seed", "drop_last", "texts", "groups", "rank",
                 "world_size"),

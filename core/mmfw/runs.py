@@ -114,7 +114,8 @@ def _evaluate(runs: list[LoadedRun], split: str | None, data: Iterable[str],
     kwargs = dict(batch_size=batch_size or recipe.eval.batch_size, device=device,
                   max_images=recipe.eval.max_images)
     if len(runs) == 1:
-        return evaluate_split(loaded.model, source.split(name), **kwargs)
+        return evaluate_split(loaded.model, source.split(name),
+                              rerank_top_k=recipe.eval.rerank_top_k, **kwargs)
     return evaluate_ensemble([r.model for r in runs], source.split(name), **kwargs)
 
 

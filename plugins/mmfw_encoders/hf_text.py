@@ -146,5 +146,10 @@ class HFText(nn.Module):
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
+    def forward_tokens(self, tokens: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``last_hidden_state`` ``[B, L, hidden]`` and the attention mask as bool."""
+        hidden = self.model(**tokens).last_hidden_state
+        return hidden, tokens["attention_mask"].bool()
+
     def named_groups(self) -> dict[str, list[str]]:
         return transformer_groups((n for n, _ in self.named_parameters()), root="model.")

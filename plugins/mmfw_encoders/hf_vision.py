@@ -147,5 +147,13 @@ class HFVision(nn.Module):
             return hidden[:, 0]
         return hidden[:, self.prefix_tokens:].mean(1)
 
+    def forward_tokens(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """``last_hidden_state`` ``[B, L, hidden]`` (a conv map flattened to its positions)
+        and an all-true mask."""
+        hidden = self.model(pixel_values=pixels).last_hidden_state
+        if hidden.ndim == 4:
+            hidden = hidden.flatten(2).transpose(1, 2)
+        return hidden, torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+
     def named_groups(self) -> dict[str, list[str]]:
         return transformer_groups((n for n, _ in self.named_parameters()), root="model.")

@@ -69,6 +69,15 @@ class ScratchVision(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         return self.model(pixels)
 
+    def forward_tokens(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised ViT tokens (class token first) ``[B, L, dim]`` and an all-true mask."""
+        x = self.model.forward_features(pixels)
+        return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+    def pool_tokens(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """``forward`` from ``forward_tokens``'s output: one pass gives both."""
+        return self.model.forward_head(tokens)
+
     def named_groups(self) -> dict[str, list[str]]:
         return timm_groups(self.model, prefix="model.")
 
@@ -180,9 +189,16 @@ class ScratchText(nn.Module):
 
     # model ----------------------------------------------------------------------------------
     def forward(self, tokens: dict[str, Tensor]) -> Tensor:
+        return self.pool_tokens(*self.forward_tokens(tokens))
+
+    def forward_tokens(self, tokens: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Normalised token features ``[B, L, width]`` and the attention mask ``[B, L]``."""
         ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()
         x = self.embed(ids) + self.pos[: ids.shape[1]]
-        x = self.norm(self.layers(x, src_key_padding_mask=~mask))
+        return self.norm(self.layers(x, src_key_padding_mask=~mask)), mask
+
+    def pool_tokens(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The pooled ``[B, width]`` embedding of ``forward_tokens``'s output."""
         if self.options.pooling == "cls":
             return x[:, 0]
         m = mask.unsqueeze(-1).to(x.dtype)

@@ -155,6 +155,7 @@ class TimmVision(nn.Module):
         self.data_config = data_config(self.model)
         self.transform = create_transform(**self.data_config, is_training=False)
         self.dim = self._probe()
+        self.token_dim = int(self.model.num_features)  # width of forward_tokens
 
     def _probe(self) -> int:
         """Real output width (``num_features``, or ``head_hidden_size`` where a head adds
@@ -184,6 +185,15 @@ class TimmVision(nn.Module):
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.model(pixels)
+
+    def forward_tokens(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """``forward_features`` as tokens ``[B, L, C]`` (a CNN's ``[B, C, h, w]`` map is
+        flattened to its ``h*w`` positions) and an all-true mask. ``C`` is the feature width,
+        which may differ from ``dim`` where the head adds layers."""
+        x = self.model.forward_features(pixels)
+        if x.ndim == 4:
+            x = x.flatten(2).transpose(1, 2)
+        return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
 
     def named_groups(self) -> dict[str, list[str]]:
         return timm_groups(self.model, prefix="model.")

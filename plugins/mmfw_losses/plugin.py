@@ -7,6 +7,7 @@ from .decorrelation import Decorrelation
 from .distillation import Distillation
 from .hard_negative import HardNegative
 from .infonce import InfoNCE
+from .itm import ITM
 from .memory_queue import MemoryQueue
 from .mixture import Mixture
 from .ntxent import NTXent
@@ -31,4 +32,5 @@ def mmfw_losses():
         "ntxent": NTXent,
         "distillation": Distillation,
         "mixture": Mixture,
+        "itm": ITM,
     }
