@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -73,6 +74,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     out = loss(img, txt, image_ids=all_ids, text_ids=all_ids)
     out.loss.backward()
     torch.save(_grads(vision.module, text.module, loss), Path(out_dir) / f"rank{rank}.pt")
+    del vision, text, out, img, txt  # DDP's reducer holds the group: free it before destroying
+    gc.collect()
     D.shutdown()
 
 
@@ -115,6 +118,7 @@ def _one_step(recipe_path: str) -> dict[str, torch.Tensor]:
     named = [*trainer.model.named_parameters(),
              *(("loss." + k, p) for k, p in trainer.loss_module.named_parameters())]
     grads = {k: p.grad.detach().clone() for k, p in named if p.grad is not None}
+    trainer.release()
     return {**grads, "__loss": out.loss.detach().reshape(1)}
 
 
@@ -126,6 +130,7 @@ def _engine_worker(rank: int, port: int, recipe_paths: list[str], out_dir: str) 
         for i, path in enumerate(recipe_paths):
             torch.save(_one_step(path), Path(out_dir) / f"engine{i}-rank{rank}.pt")
     finally:
+        gc.collect()  # the Trainers' DDP wrappers hold the group: free them before destroying
         D.shutdown()
 
 

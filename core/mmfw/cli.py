@@ -52,8 +52,11 @@ def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool)
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
+    from .distributed import world_from_env
+
     result = train(load_recipe(recipe, overrides), resume=resume, overwrite=overwrite)
-    click.echo(json.dumps(result.metrics, indent=2))
+    if world_from_env().is_main:  # under torchrun, one copy of the result
+        click.echo(json.dumps(result.metrics, indent=2))
 
 
 @main.command()

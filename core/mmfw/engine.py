@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import shutil
@@ -470,6 +471,12 @@ class Trainer:
             _average_gradients(list(self.loss_module.parameters()), self.world.world_size)
         return out, img, txt
 
+    def release(self) -> None:
+        """Drop the DDP wrapper before the process group is destroyed: its reducer holds the
+        group, whose gloo threads would otherwise outlive it and abort the interpreter's exit."""
+        self._ddp = None
+        gc.collect()
+
     def _ddp_model(self) -> nn.Module:
         """The model in DistributedDataParallel, rebuilt when a stage freezes or unfreezes
         parameters (DDP reduces only what was trainable when it was built)."""
@@ -739,12 +746,15 @@ def train(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool 
 
         return train_ensemble(recipe, resume=resume, overwrite=overwrite, console=console)
     t0 = time.perf_counter()
+    trainer = None
     try:
         trainer = Trainer(recipe, resume=resume, overwrite=overwrite, console=console)
         stopped_by = trainer.fit()
         metrics = trainer.final_eval()
         distributed.barrier()  # no rank leaves while another still talks to it
     finally:
+        if trainer is not None:
+            trainer.release()
         distributed.shutdown()  # a no-op without torchrun
     seconds = time.perf_counter() - t0
     trainer.say(f"final {recipe.eval.split}: " + _fmt(metrics))
