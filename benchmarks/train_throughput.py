@@ -79,6 +79,8 @@ VARIANTS = {
                  "(benchmarks/prototypes/text_attention.py)",
     "compile": "torch.compile of the DualEncoder (nn.Module.compile)",
     "channels-last": "patch-embedding conv and pixels in channels_last",
+    "math-sdpa": "attention through SDPA's math kernel inside the backend's autocast (on CPU in "
+                 "bf16 the flash kernel's backward is several times slower than in fp32)",
 }
 
 
@@ -126,6 +128,18 @@ def make_trainer(a: argparse.Namespace, out_dir: str, variants: tuple[str, ...] 
         text_attention.patch(trainer.model.text)
     if "channels-last" in variants:
         trainer.model.vision.to(memory_format=torch.channels_last)
+    if "math-sdpa" in variants:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        autocast = trainer.backend.autocast
+
+        def autocast_math() -> contextlib.ExitStack:
+            stack = contextlib.ExitStack()
+            stack.enter_context(autocast())
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            return stack
+
+        trainer.backend.autocast = autocast_math
     if "compile" in variants:
         trainer.model.compile()
     trainer.model.train()
