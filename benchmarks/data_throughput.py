@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 import mmfw
 from mmfw.engine import Trainer
@@ -98,6 +99,34 @@ def run(a: argparse.Namespace, ann: Path, images: Path, workers: int, cache: str
             "pairs_per_s": [n / s for s in epoch_s], "first_batch_s": first_batch_s}
 
 
+class _Constant(Dataset):
+    """Hands out one ready batch again and again: what moving a batch costs, nothing else."""
+
+    def __init__(self, batch: torch.Tensor, n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.batch.clone()
+
+
+def transfer_ceiling(batch_size: int, size: int, workers: int, n: int = 30) -> dict[str, float]:
+    """Images/s a DataLoader can hand over when its batches are ready-made pixel tensors of
+    the collate's output size, float32 (what ``Collate`` gives now) vs uint8: the ceiling the
+    worker-to-main-process copy puts on any pipeline, however fast its decoding."""
+    out = {}
+    for dtype in (torch.float32, torch.uint8):
+        batch = torch.zeros(batch_size, 3, size, size, dtype=dtype)
+        it = iter(DataLoader(_Constant(batch, n + 1), batch_size=None, num_workers=workers))
+        next(it)
+        t0 = time.perf_counter()
+        k = sum(1 for _ in it)
+        out[str(dtype).removeprefix("torch.")] = k * batch_size / (time.perf_counter() - t0)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=1000, help="images (5 captions each)")
@@ -147,6 +176,13 @@ def main() -> None:
                     print(f"{fmt:<6} {'on' if cached else 'off':<10} {w:>7} "
                           f"{r['setup_s']:>8.1f} {r['first_batch_s']:>11.2f} "
                           + " ".join(f"{v:>17.0f}" for v in r["pairs_per_s"]))
+    print(f"\nceiling from moving ready batches [{a.batch_size}, 3, {a.image_size}, "
+          f"{a.image_size}] out of the loader (images/s):")
+    result["transfer_ceiling"] = {}
+    for w in workers:
+        c = transfer_ceiling(a.batch_size, a.image_size, w)
+        result["transfer_ceiling"][str(w)] = c
+        print(f"  workers {w}: " + ", ".join(f"{k} {v:.0f}" for k, v in c.items()))
     path = Path(a.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

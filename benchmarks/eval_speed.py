@@ -106,11 +106,38 @@ def embedding(n: int, batch_size: int, repeat: int) -> dict[str, Any]:
     times, (img, txt, owner) = timed(
         lambda: embed_split(model, split, batch_size=batch_size), repeat)
     rank_t, _ = timed(lambda: recall_at_k(img, txt, owner), repeat)
-    return {"images": n, "captions": int(txt.shape[0]), "embed_dim": int(img.shape[1]),
+    parts = embedding_parts(model, split, batch_size)
+    return {"parts_s": parts, "images": n, "captions": int(txt.shape[0]),
+            "embed_dim": int(img.shape[1]),
             "batch_size": batch_size, "generate_images_s": gen_s, "embed_split_s": times,
             "median_s": statistics.median(times),
             "images_plus_captions_per_s": (n + txt.shape[0]) / statistics.median(times),
             "ranking_median_s": statistics.median(rank_t)}
+
+
+def embedding_parts(model: Any, split: Any, batch_size: int) -> dict[str, float]:
+    """The pieces of ``embed_split``, each timed alone (median of 3 after a warm-up)."""
+    n = len(split)
+    captions = [c for i in range(n) for c in split.captions(i)]
+    pre, tok = model.vision.preprocess, model.text.tokenize
+    chunks = range(0, n, batch_size)
+    text_chunks = range(0, len(captions), batch_size)
+    pixels = [torch.stack([pre(split[i].image) for i in range(s, min(s + batch_size, n))])
+              for s in chunks]
+    tokens = [tok(captions[s:s + batch_size]) for s in text_chunks]
+
+    def med(fn: Callable[[], Any]) -> float:
+        return statistics.median(timed(fn, 3)[0])
+
+    with torch.no_grad():
+        return {
+            "preprocess images": med(lambda: [torch.stack([pre(split[i].image) for i in range(
+                s, min(s + batch_size, n))]) for s in chunks]),
+            "tokenize captions": med(lambda: [tok(captions[s:s + batch_size])
+                                              for s in text_chunks]),
+            "image forward": med(lambda: [model.encode_image(p) for p in pixels]),
+            "text forward": med(lambda: [model.encode_text(t) for t in tokens]),
+        }
 
 
 def main() -> None:
@@ -150,13 +177,15 @@ def main() -> None:
     if not a.skip_embed:
         print("\nembedding: mmfw.evaluation.embed_split, tiny scratch model, 48 px synthetic "
               f"images, batch {a.batch_size}")
-        print(f"{'images x captions':<20} {'median s':>9} {'items/s':>9} {'rank s':>8}")
+        print(f"{'images x captions':<20} {'median s':>9} {'items/s':>9} {'rank s':>8}   parts "
+              "(each timed alone)")
         for n in a.sizes:
             e = embedding(n, a.batch_size, a.embed_repeat)
             result["embedding"].append(e)
             label = f"{n} x {e['captions']}"
             print(f"{label:<20} {e['median_s']:>9.2f} "
-                  f"{e['images_plus_captions_per_s']:>9.0f} {e['ranking_median_s']:>8.3f}")
+                  f"{e['images_plus_captions_per_s']:>9.0f} {e['ranking_median_s']:>8.3f}   "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in e["parts_s"].items()))
     path = Path(a.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -165,9 +165,11 @@ class MmfwSide:
         self.batches = [Batch(p.contiguous(memory_format=fmt), t, i, j) for p, t, i, j in
                         zip(r.pixels, tokens, r.image_ids, r.text_ids, strict=True)]
 
-    def run_step(self, k: int) -> None:
+    def run_step(self, k: int, clock: PhaseClock | None = None) -> None:
         t = self.trainer
         t._set_lr()
+        if clock is not None:
+            clock.mark("lr")
         t.train_step(self.batches[k])
         t.step += 1
 
@@ -182,10 +184,12 @@ class MmfwSide:
         pass-through wrappers of ``optimizer.zero_grad`` and ``_after_backward``."""
         t = self.trainer
         m = t.model
-        m.register_forward_pre_hook(lambda *_: clock.mark("to device"))
-        m.vision_adapter.register_forward_hook(lambda *_: clock.mark("forward vision"))
-        m.register_forward_hook(lambda *_: clock.mark("forward text"))
-        t.loss.register_forward_hook(lambda *_: clock.mark("loss"))
+        self._handles = [
+            m.register_forward_pre_hook(lambda *_: clock.mark("to device")),
+            m.vision_adapter.register_forward_hook(lambda *_: clock.mark("forward vision")),
+            m.register_forward_hook(lambda *_: clock.mark("forward text")),
+            t.loss.register_forward_hook(lambda *_: clock.mark("loss")),
+        ]
         opt = t.optimizer
         zero_grad = opt.zero_grad
 
@@ -201,12 +205,16 @@ class MmfwSide:
             after_backward()
 
         t._after_backward = after_backward_marked
-        opt.register_step_pre_hook(lambda *_: clock.mark("diagnostics+clip"))
-        opt.register_step_post_hook(lambda *_: clock.mark("optimizer"))
+        self._handles += [
+            opt.register_step_pre_hook(lambda *_: clock.mark("diagnostics+clip")),
+            opt.register_step_post_hook(lambda *_: clock.mark("optimizer")),
+        ]
 
-    def start_marks(self, clock: PhaseClock) -> None:
-        self.trainer._set_lr()
-        clock.mark("lr")
+    def uninstrument(self) -> None:
+        for h in self._handles:
+            h.remove()
+        del self.trainer.optimizer.zero_grad, self.trainer._after_backward  # back to the class's
+
 
 
 def _n(module: Any) -> int:
@@ -264,7 +272,7 @@ class OpenClipSide:
     def feed(self, r: Rendered) -> None:
         self.data = r
 
-    def run_step(self, k: int) -> None:
+    def run_step(self, k: int, clock: PhaseClock | None = None) -> None:
         self.train_step(self.data.pixels[k], self.data.input_ids[k])
 
     def param_counts(self) -> dict[str, int]:
@@ -274,10 +282,12 @@ class OpenClipSide:
 
     def instrument(self, clock: PhaseClock) -> None:
         self.marks = clock.mark
-        self.model.visual.register_forward_hook(lambda *_: clock.mark("forward vision"))
+        self._hook = self.model.visual.register_forward_hook(
+            lambda *_: clock.mark("forward vision"))
 
-    def start_marks(self, clock: PhaseClock) -> None:
-        pass
+    def uninstrument(self) -> None:
+        self.marks = None
+        self._hook.remove()
 
     def _mark(self, name: str) -> None:
         if self.marks is not None:
@@ -532,16 +542,14 @@ def profile(a: argparse.Namespace, sides: dict[str, Any]) -> dict[str, Any]:
         for name, side in sides.items():
             c = clocks[name]
             c.start()
-            side.start_marks(c)
-            side.run_step(k % n_batches)
+            side.run_step(k % n_batches, c)
             c.end()
         if k == a.warmup - 1:
             for c in clocks.values():
                 c.steps.clear()
     phases = {name: c.medians_ms() for name, c in clocks.items()}
     for side in sides.values():
-        if isinstance(side, OpenClipSide):
-            side.marks = None
+        side.uninstrument()
     names = list(dict.fromkeys(n for p in phases.values() for n in p))
     print(f"\nwhere a step's time goes: median of {n_phase} steps, ms (batches pre-rendered)")
     print(f"{'phase':<18}" + "".join(f"{s:>{max(12, len(s) + 2)}}" for s in sides))
