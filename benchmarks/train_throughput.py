@@ -12,14 +12,14 @@ scratch-text, linear adapters, infonce, the engine's AdamW) and each step is the
 parameter groups, and open_clip_train's step (``train_one_epoch``, accum_freq 1): scheduler,
 zero_grad, autocast forward + loss, backward, optimizer step, logit-scale clamp.
 
-``--variant`` adds a third side in the same rounds: mmfw with proposed changes (prototyped in
-``benchmarks/prototypes``, the plugins untouched), so a change's gain is measured against
-shipped mmfw under the same load.
+``--variant`` adds a third side in the same rounds: mmfw with a change applied on top of the
+shipped plugins (a recipe setting, a module transform or different inputs), so a change's gain
+is measured against shipped mmfw under the same load.
 
     python benchmarks/train_throughput.py --threads 1
     python benchmarks/train_throughput.py --threads 1 --precision bf16
-    python benchmarks/train_throughput.py --threads 1 --variant longest text-attn
-    python benchmarks/train_throughput.py --threads 1 --profile --variant text-attn
+    python benchmarks/train_throughput.py --threads 1 --variant longest
+    python benchmarks/train_throughput.py --threads 1 --profile --precision bf16 --variant sdpa-auto
 """
 
 from __future__ import annotations
@@ -75,19 +75,23 @@ def shape_of(a: argparse.Namespace) -> Shape:
 VARIANTS = {
     "longest": "tokens padded to the batch's longest caption: what mmfw's tokenizer does in a "
                "real run (identical inputs otherwise)",
-    "text-attn": "scratch-text layers with timm's attention layout "
-                 "(benchmarks/prototypes/text_attention.py)",
     "compile": "torch.compile of the DualEncoder (nn.Module.compile)",
     "channels-last": "patch-embedding conv and pixels in channels_last",
-    "math-sdpa": "attention through SDPA's math kernel inside the backend's autocast (on CPU in "
-                 "bf16 the flash kernel's backward is several times slower than in fp32)",
+    "sdpa-auto": "the cpu backend's sdpa = \"auto\": torch's own attention kernel under bf16 "
+                 "(flash), as before the backend chose the math kernel (bf16 only)",
 }
+# Measured here, now in the plugins: text-attn (scratch-text's layers with timm's attention
+# layout, mmfw_encoders/attention.py) and math-sdpa (SDPA's math kernel in the cpu backend's
+# bf16 autocast, its sdpa = "math" default).
 
 
-def mmfw_recipe(a: argparse.Namespace, out_dir: str) -> dict[str, Any]:
+def mmfw_recipe(a: argparse.Namespace, out_dir: str, variants: tuple[str, ...] = ()
+                ) -> dict[str, Any]:
     s = shape_of(a)
     if a.device == "cpu":
         backend = {"name": "cpu", "threads": a.threads, "precision": a.precision}
+        if "sdpa-auto" in variants:
+            backend["sdpa"] = "auto"
     else:
         backend = {"name": "cuda", "precision": a.precision}
     return {
@@ -119,27 +123,10 @@ def make_trainer(a: argparse.Namespace, out_dir: str, variants: tuple[str, ...] 
     from mmfw.engine import Trainer
     from mmfw.recipe import load_recipe
 
-    trainer = Trainer(load_recipe(mmfw_recipe(a, out_dir)), overwrite=True,
+    trainer = Trainer(load_recipe(mmfw_recipe(a, out_dir, variants)), overwrite=True,
                       console=lambda _msg: None)
-    if "text-attn" in variants:
-        sys.path.insert(0, str(HERE.parent))
-        from benchmarks.prototypes import text_attention
-
-        text_attention.patch(trainer.model.text)
     if "channels-last" in variants:
         trainer.model.vision.to(memory_format=torch.channels_last)
-    if "math-sdpa" in variants:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        autocast = trainer.backend.autocast
-
-        def autocast_math() -> contextlib.ExitStack:
-            stack = contextlib.ExitStack()
-            stack.enter_context(autocast())
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-            return stack
-
-        trainer.backend.autocast = autocast_math
     if "compile" in variants:
         trainer.model.compile()
     trainer.model.train()
@@ -659,6 +646,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.profile and "compile" in a.variant:
         ap.error("--profile with the compile variant: the phase marks would break its graph")
+    if "sdpa-auto" in a.variant and (a.device, a.precision) != ("cpu", "bf16"):
+        ap.error("the sdpa-auto variant is the cpu backend's bf16 setting: --precision bf16 on cpu")
     return a
 
 

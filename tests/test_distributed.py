@@ -20,6 +20,7 @@ from torch import nn
 import mmfw
 from helpers import SUBPROCESS_ENV, tiny_recipe
 from mmfw import distributed as D
+from mmfw.sharding import full
 
 
 def _free_port() -> int:
@@ -117,7 +118,7 @@ def _one_step(recipe_path: str) -> dict[str, torch.Tensor]:
     out, _, _ = trainer.train_step(batch)
     named = [*trainer.model.named_parameters(),
              *(("loss." + k, p) for k, p in trainer.loss_module.named_parameters())]
-    grads = {k: p.grad.detach().clone() for k, p in named if p.grad is not None}
+    grads = {k: full(p.grad).detach().clone() for k, p in named if p.grad is not None}
     trainer.release()
     return {**grads, "__loss": out.loss.detach().reshape(1)}
 
@@ -141,17 +142,28 @@ def test_an_engine_step_on_two_ranks_matches_one_process_on_the_global_batch(
     GradCache accumulation, which gathers in its loss stage."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
-    cases = [{"accumulate": 1}, {"accumulate": 2}]
-    two = [str(_engine_recipe(tmp_path, f"two{i}", optim=o)) for i, o in enumerate(cases)]
+    cases = [({"accumulate": 1}, {}), ({"accumulate": 2}, {}),
+             # FSDP: sharded parameters, gradients reduce-scattered (also with GradCache)
+             ({"accumulate": 1, "grad_clip": 0.5}, {"strategy": "fsdp"}),
+             ({"accumulate": 2}, {"strategy": "fsdp"}),
+             # each rank's own rows against the global batch: the same gradients
+             ({"accumulate": 1}, {"local_loss": True}),
+             ({"accumulate": 2}, {"strategy": "fsdp", "local_loss": True})]
+    two = [str(_engine_recipe(tmp_path, f"two{i}", optim=o, distributed=d))
+           for i, (o, d) in enumerate(cases)]
     mp.spawn(_engine_worker, args=(_free_port(), two, str(tmp_path)), nprocs=2, join=True)
-    for i, optim in enumerate(cases):
+    for i, (optim, d) in enumerate(cases):
         expected = _one_step(str(_engine_recipe(tmp_path, f"one{i}", optim=optim)))
-        for rank in range(2):
-            got = torch.load(tmp_path / f"engine{i}-rank{rank}.pt")
+        got_all = [torch.load(tmp_path / f"engine{i}-rank{rank}.pt") for rank in range(2)]
+        if d.get("local_loss"):  # each rank's loss is its rows' share: the mean is the loss
+            mean = (got_all[0]["__loss"] + got_all[1]["__loss"]) / 2
+            assert not torch.allclose(got_all[0]["__loss"], got_all[1]["__loss"])
+            torch.testing.assert_close(mean, expected["__loss"], rtol=1e-5, atol=1e-6)
+        for got in got_all:
             assert got.keys() == expected.keys()
-            for k in expected:
+            for k in expected.keys() - ({"__loss"} if d.get("local_loss") else set()):
                 torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-6,
-                                           msg=f"{optim}: {k}")
+                                           msg=f"{cases[i]}: {k}")
 
 
 def test_torchrun_two_processes_train_the_tiny_recipe_into_one_run_dir(tmp_path: Path) -> None:
@@ -176,3 +188,44 @@ def test_torchrun_two_processes_train_the_tiny_recipe_into_one_run_dir(tmp_path:
                    if ".train." not in p.name)
     assert steps == ["step-00000020.safetensors", "step-00000040.safetensors"]
     assert "step 40/40" in proc.stdout and proc.stdout.count("run directory:") == 1
+
+
+def _torchrun(recipe: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "mmfw", "run", str(recipe), *extra],
+        cwd=cwd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    last = sorted((run_dir / "checkpoints").glob("step-*[0-9].safetensors"))[-1]
+    return load_file(str(last))
+
+
+def test_fsdp_trains_checkpoints_resumes_and_matches_ddp(tmp_path: Path) -> None:
+    """distributed.strategy = "fsdp": sharded training writes one-process checkpoints (whole
+    tensors), validates and evaluates on rank 0, resumes sharded, and ends where DDP ends."""
+    fsdp = {"strategy": "fsdp"}
+    ddp = _engine_recipe(tmp_path, "ddp2", run={"epochs": 2})
+    one = _engine_recipe(tmp_path, "fsdp", distributed=fsdp)
+    _torchrun(ddp, tmp_path)
+    out = _torchrun(one, tmp_path)
+    assert "fsdp: 2 units over 2 ranks" in out.stdout
+    run_dir = tmp_path / "runs" / "fsdp"
+    assert (run_dir / "metrics.json").is_file()
+    # the checkpoint is whole: a plain one-process model loads it and reproduces the metrics
+    again = mmfw.evaluate(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert again == pytest.approx(metrics)
+    out = _torchrun(one, tmp_path, "--resume", "--set", "run.epochs=2")
+    assert "resumed" in out.stdout
+    got, want = _weights(run_dir), _weights(tmp_path / "runs" / "ddp2")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-4, msg=k)
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "eval" and r.get("split") == "val"] == [20, 40]

@@ -13,7 +13,7 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,12 @@ def atomic_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+def _tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # clone: safetensors refuses tensors that share storage (tied weights)
-    return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, plain = {}, {"param_groups": sd["param_groups"], "state": {}}
     for idx, st in sd["state"].items():
         plain["state"][str(idx)] = {}
@@ -106,19 +105,24 @@ def _tuples(x: Any) -> Any:
 
 def save(directory: Path, step: int, *, model: nn.Module, loss: nn.Module,
          optimizer: torch.optim.Optimizer | None, state: dict[str, Any], keep: int = 2,
-         protect: Iterable[int] = (), scaler: Any = None) -> Path:
+         protect: Iterable[int] = (), scaler: Any = None,
+         model_state: Mapping[str, torch.Tensor] | None = None,
+         optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write checkpoint ``step`` and delete all but the newest ``keep`` and ``protect``.
 
     ``loss`` holds every loss of the run (their parameters and state, e.g. a memory queue);
-    ``scaler`` is a GradScaler whose state goes in the JSON.
+    ``scaler`` is a GradScaler whose state goes in the JSON. ``model_state`` /
+    ``optimizer_state`` replace the modules' own state dicts (FSDP: gathered whole).
     """
     stem = directory / f"step-{step:08d}"
-    weights = {f"model.{k}": v for k, v in _tensors(model).items()}
-    weights.update({f"loss.{k}": v for k, v in _tensors(loss).items()})
+    weights = {f"model.{k}": v for k, v in _tensors(
+        model.state_dict() if model_state is None else model_state).items()}
+    weights.update({f"loss.{k}": v for k, v in _tensors(loss.state_dict()).items()})
     atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(weights, p))
     extra: dict[str, Any] = {}
     if optimizer is not None:
-        opt_tensors, opt_plain = _flatten_optimizer(optimizer)
+        opt_tensors, opt_plain = _flatten_optimizer(
+            optimizer.state_dict() if optimizer_state is None else optimizer_state)
         rng_tensors, rng_plain = rng_state()
         atomic_write(Path(f"{stem}.train.safetensors"),
                      lambda p: save_file({**opt_tensors, **rng_tensors}, p))
@@ -167,11 +171,19 @@ def latest(directory: Path) -> int | None:
     return steps[-1] if steps else None
 
 
-def load_weights(directory: Path, step: int, model: nn.Module, loss: nn.Module | None) -> None:
+def read_weights(directory: Path, step: int
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The model's and the losses' tensors of checkpoint ``step``."""
     tensors = load_file(str(directory / f"step-{step:08d}.safetensors"))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    return ({k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+            {k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
+
+
+def load_weights(directory: Path, step: int, model: nn.Module, loss: nn.Module | None) -> None:
+    model_state, loss_state = read_weights(directory, step)
+    model.load_state_dict(model_state)
     if loss is not None:
-        loss.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
+        loss.load_state_dict(loss_state)
 
 
 def load_state(directory: Path, step: int) -> dict[str, Any]:
@@ -179,10 +191,13 @@ def load_state(directory: Path, step: int) -> dict[str, Any]:
 
 
 def load_training(directory: Path, step: int, optimizer: torch.optim.Optimizer,
-                  state: dict[str, Any], scaler: Any = None) -> None:
-    """Restore optimizer, GradScaler and RNG states saved with ``save``."""
+                  state: dict[str, Any], scaler: Any = None,
+                  prepare: Callable[[dict], dict] | None = None) -> None:
+    """Restore optimizer, GradScaler and RNG states saved with ``save``; ``prepare`` turns
+    the saved optimizer state into what the optimizer loads (FSDP: this rank's shards)."""
     tensors = load_file(str(directory / f"step-{step:08d}.train.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    sd = _unflatten_optimizer(tensors, state["optimizer"])
+    optimizer.load_state_dict(prepare(sd) if prepare is not None else sd)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     set_rng_state(tensors, state["rng"])

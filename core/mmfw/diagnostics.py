@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .batching import Batch, Collate
 from .collapse import CollapseDetector, Symptom
+from .sharding import full
 
 #: statistics keys of one source (batch or probe), in the order rows list them
 SIM_KEYS = ("sim/mean", "sim/std", "sim/min", "sim/max", "sim/pos_mean", "sim/neg_mean",
@@ -149,8 +150,8 @@ def gradient_norms(groups: Mapping[str, Iterable[nn.Parameter]]) -> dict[str, Te
     out: dict[str, Tensor] = {}
     for name, params in groups.items():
         grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            out[name] = _norm(grads)
+        if grads:  # (a sharded model's norm is whole after full(): every rank calls this)
+            out[name] = full(_norm(grads))
     if out:
         out["total"] = torch.linalg.vector_norm(torch.stack([v.float() for v in out.values()]))
     return out

@@ -70,15 +70,32 @@ def _sizes(x: Tensor) -> list[int]:
 
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate ``x`` from every rank in rank order, differentiable (rows may differ)."""
+    return gather_rows(x)[0]
+
+
+def gather_rows(x: Tensor) -> tuple[Tensor, slice]:
+    """:func:`gather_with_grad`, and this rank's rows in the result (for a local loss)."""
     if not active():
-        return x
+        return x, slice(0, x.shape[0])
     from torch.distributed.nn.functional import all_gather
 
     sizes = _sizes(x)
     pad = max(sizes) - x.shape[0]
     padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad)) if pad else x
     parts = all_gather(padded.contiguous())
-    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+    start = sum(sizes[:dist.get_rank()])
+    return (torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]),
+            slice(start, start + x.shape[0]))
+
+
+@torch.no_grad()
+def average(x: Tensor) -> Tensor:
+    """The mean of ``x`` over ranks (logged figures of a loss each rank computed locally)."""
+    if not active():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
 
 
 @torch.no_grad()

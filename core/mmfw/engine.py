@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, sharding
 from .augment import Mixer, mix_targets
 from .batching import Batch
 from .contracts import StagePlan
@@ -35,7 +36,10 @@ from .registry import create
 
 #: recipe keys that may change between a run and its resumption (run length only)
 RESUMABLE_CHANGES = ("run.epochs", "run.max_steps", "run.max_minutes", "run.progress",
-                     "run.log_every", "run.keep_last", "run.checkpoint_every")
+                     "run.log_every", "run.keep_last", "run.checkpoint_every",
+                     # how the work is shared never changes the checkpoint format
+                     "distributed.strategy", "distributed.local_loss", "distributed.fsdp_units",
+                     "distributed.reshard_after_forward", "distributed.timeout_minutes")
 
 RECIPE_FILE = "recipe.toml"
 METRICS_JSONL = "metrics.jsonl"
@@ -114,9 +118,9 @@ class _GlobalBatch(nn.Module):
     Every rank computes the same loss; DDP's averaging then gives each parameter the
     single-process gradient of the concatenated batch (see distributed.py)."""
 
-    def __init__(self, loss: nn.Module) -> None:
+    def __init__(self, loss: nn.Module, local: bool = False) -> None:
         super().__init__()
-        self.inner = loss
+        self.inner, self.local = loss, local
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, *,
                 image_ids: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
@@ -125,8 +129,11 @@ class _GlobalBatch(nn.Module):
             v = context.get(key)
             if torch.is_tensor(v) and v.shape[0] == n:
                 context[key] = distributed.gather(v)
-        return self.inner(distributed.gather_with_grad(image),
-                          distributed.gather_with_grad(text),
+        image, image_rows = distributed.gather_rows(image)
+        text, text_rows = distributed.gather_rows(text)
+        if self.local:  # distributed.local_loss: this rank's rows against the global batch
+            context.update(image_rows=image_rows, text_rows=text_rows)
+        return self.inner(image, text,
                           image_ids=None if image_ids is None else distributed.gather(image_ids),
                           text_ids=None if text_ids is None else distributed.gather(text_ids),
                           **context)
@@ -164,7 +171,7 @@ class Trainer:
             reason = f": {why()}" if callable(why) else ""
             raise MmfwError(f"backend '{r.backend.name}' is not available on this machine"
                             f"{reason} (set backend.name = \"auto\" to pick what is)")
-        self.world = distributed.init(self.backend.device)
+        self.world = distributed.init(self.backend.device, r.distributed.timeout_minutes)
         self.device = self.backend.device
         if self.world.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.world.local_rank)  # one GPU per process
@@ -205,6 +212,11 @@ class Trainer:
         self.loss: nn.Module = create("loss", r.loss.name, options=r.loss.options)
         self.model.to(self.device)
         self.loss.to(self.device)
+        self.sharded = self.world.distributed and r.distributed.strategy == "fsdp"
+        self._whole: nn.Module | None = None  # FSDP: rank 0's unsharded copy (CPU)
+        self._saved: int | None = self.start_step
+        if self.sharded:
+            self._shard()
 
         self.sampler = self.data.sampler()  # context: match_ids, texts, groups, rank, ...
         if len(self.sampler) == 0:
@@ -223,6 +235,44 @@ class Trainer:
         if resume and self.start_step:
             self._restore(self.start_step)
         self.diagnostics = Diagnostics(self)
+
+    # FSDP ------------------------------------------------------------------------------------
+    def _shard(self) -> None:
+        """distributed.strategy = "fsdp": shard the model before the optimizer sees it."""
+        r = self.recipe
+        if fusion_of(self.model) is not None:
+            raise RecipeError("[model.fusion] is not supported with FSDP yet",
+                              key="distributed.strategy", expected='"ddp"', given="fsdp")
+        if self.world.is_main:
+            self._whole = sharding.unsharded_copy(self.model)
+        units = sharding.shard(self.model, self.device, self.world.world_size,
+                               r.distributed.fsdp_units, r.distributed.reshard_after_forward)
+        self.say(f"fsdp: {len(units)} units over {self.world.world_size} ranks"
+                 + (f" ({units[-1]}, ...)" if units else
+                    " (no group matches distributed.fsdp_units: one unit, the whole model)"))
+
+    @contextlib.contextmanager
+    def _whole_model(self) -> Any:
+        """Rank 0's own work (validation, probe diagnostics, final evaluation, plots) on the
+        whole model. Under FSDP every rank joins the gather of the weights and rank 0 runs
+        the block with its unsharded copy as ``self.model``; otherwise nothing changes."""
+        if not self.sharded:
+            yield
+            return
+        state = sharding.whole_state(self.model, self.world.is_main)
+        if not self.world.is_main:
+            yield
+            return
+        sharded, whole = self.model, self._whole
+        whole.load_state_dict(state)
+        whole.to(self.device).train(sharded.training)
+        self.model = whole
+        try:
+            yield
+        finally:
+            self.model = sharded
+            if self.device.type != "cpu":
+                whole.to("cpu")  # the copy holds no accelerator memory while training
 
     # run directory -------------------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
@@ -271,7 +321,15 @@ class Trainer:
 
     # checkpoints ---------------------------------------------------------------------------
     def save(self) -> None:
-        if not self.world.is_main or ckpt.latest(self.ckpt_dir) == self.step:
+        """Checkpoint this step (once). Under FSDP every rank joins the gathers."""
+        if self._saved == self.step:
+            return
+        self._saved = self.step
+        model_state = optimizer_state = None
+        if self.sharded:
+            model_state = sharding.whole_state(self.model, self.world.is_main)
+            optimizer_state = sharding.whole_optimizer_state(self.optimizer, self.world.is_main)
+        if not self.world.is_main:
             return
         state = {"epoch": self.epoch, "sampler": self._sampler_state(),
                  "eval_history": self.eval_history, "recipe": self.recipe.digest()}
@@ -280,7 +338,8 @@ class Trainer:
             state["scheduler"] = scheduler_state()
         ckpt.save(self.ckpt_dir, self.step, model=self.model, loss=self.loss_module,
                   optimizer=self.optimizer, state=state, keep=self.recipe.run.keep_last,
-                  scaler=self.scaler)
+                  scaler=self.scaler, model_state=model_state,
+                  optimizer_state=optimizer_state)
 
     def _sampler_state(self) -> dict[str, Any] | None:
         fn = getattr(self.sampler, "state_dict", None)
@@ -292,9 +351,13 @@ class Trainer:
                 "position": self.step - self.epoch * self.steps_per_epoch}
 
     def _restore(self, step: int) -> None:
-        ckpt.load_weights(self.ckpt_dir, step, self.model, self.loss_module)
+        model_state, loss_state = ckpt.read_weights(self.ckpt_dir, step)
+        sharding.load_whole(self.model, model_state)  # every rank cuts its own shards
+        self.loss_module.load_state_dict(loss_state)
         state = ckpt.load_state(self.ckpt_dir, step)
-        ckpt.load_training(self.ckpt_dir, step, self.optimizer, state, self.scaler)
+        ckpt.load_training(self.ckpt_dir, step, self.optimizer, state, self.scaler,
+                           prepare=partial(sharding.shard_optimizer_state, self.optimizer)
+                           if self.sharded else None)
         if state.get("scheduler") is not None and hasattr(self.scheduler, "load_state_dict"):
             self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
@@ -353,6 +416,26 @@ class Trainer:
         prepare = getattr(self.backend, "prepare", None)
         if callable(prepare):
             prepare(self.model)
+        if self.world.distributed:
+            self._check_distributed()
+
+    def _check_distributed(self) -> None:
+        """What the [distributed] options need of the losses and the backend."""
+        d = self.recipe.distributed
+        if d.local_loss:
+            losses = {self.recipe.loss.name: self.default_loss}
+            losses.update(self.stage_losses)
+            bad = [n for n, m in losses.items() if not getattr(m, "supports_local_loss", False)]
+            if bad:
+                raise RecipeError(
+                    f"loss {', '.join(repr(b) for b in bad)} needs the whole batch (its terms "
+                    "do not split by rows), so each rank cannot compute only its own rows",
+                    key="distributed.local_loss", expected="false, or losses that split by "
+                    "rows (infonce, siglip, ...: see docs/losses.md)", given=True)
+        if self.sharded and self.scaler is not None:
+            raise RecipeError("FSDP runs take bf16 or fp32, not fp16 with a GradScaler",
+                              key="backend.precision", expected='"bf16" or "fp32"',
+                              given="fp16")
 
     def _loss_names(self) -> set[str]:
         """Every loss plugin the run uses: [loss], its mixture terms, the stages' losses."""
@@ -447,7 +530,9 @@ class Trainer:
         o = self.recipe.optim
         dist_on = self.world.distributed
         # soft targets when the images were mixed; the global batch under torchrun
-        loss = mix_targets(_GlobalBatch(self.loss) if dist_on else self.loss, batch)
+        if dist_on:
+            loss = _GlobalBatch(self.loss, local=self.recipe.distributed.local_loss)
+        loss = mix_targets(loss if dist_on else self.loss, batch)
         scale = self.scaler.scale if self.scaler is not None else _unscaled
         fmt = getattr(self.backend, "memory_format", None)
         if fmt is not None and batch.pixels.dim() == 4:
@@ -459,7 +544,9 @@ class Trainer:
             result = run(self.model, loss, batch, o.accumulate,
                          autocast=self.backend.autocast, scale=scale, context=context)
             if dist_on:  # micro-batches bypass DDP's forward: average every gradient here
-                _average_gradients(self._params(), self.world.world_size)
+                # (FSDP reduce-scatters the model's own in each backward)
+                _average_gradients(list(self.loss_module.parameters()) if self.sharded
+                                   else self._params(), self.world.world_size)
             return result
         with self.backend.autocast():
             img, txt = (self._ddp_model() if dist_on else self.model)(batch.pixels,
@@ -480,6 +567,8 @@ class Trainer:
     def _ddp_model(self) -> nn.Module:
         """The model in DistributedDataParallel, rebuilt when a stage freezes or unfreezes
         parameters (DDP reduces only what was trainable when it was built)."""
+        if self.sharded:  # FSDP2 shards in place: the model is its own wrapper
+            return self.model
         key = tuple(p.requires_grad for p in self.model.parameters())
         if self._ddp is None or key != self._ddp_key:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -514,8 +603,8 @@ class Trainer:
                                                   strength=o.modality_balance))
         self._after_backward()
         if o.grad_clip:
-            self.step_stats["optim/grad_norm"] = nn.utils.clip_grad_norm_(self._params(),
-                                                                          o.grad_clip)
+            clip = sharding.clip_grad_norm_ if self.sharded else nn.utils.clip_grad_norm_
+            self.step_stats["optim/grad_norm"] = clip(self._params(), o.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -559,7 +648,9 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.diagnostics.due(self.step):
-                    fired = self.world.is_main and bool(self.diagnostics.check(batch, img, txt))
+                    with self._whole_model():
+                        fired = self.world.is_main and bool(
+                            self.diagnostics.check(batch, img, txt))
                     if self.world.distributed:
                         fired = bool(distributed.broadcast_object(fired))
                     if fired and self.recipe.diagnostics.stop_on_collapse:
@@ -606,17 +697,20 @@ class Trainer:
 
     def _end_of_epoch(self) -> bool:
         """Validate (when due), checkpoint, track the best; True when early stopping says stop.
-        Under torchrun rank 0 does it while the others wait for its decision."""
-        stop = self._end_of_epoch_main() if self.world.is_main else False
+        Under torchrun rank 0 validates and decides while the others wait."""
+        e = self.recipe.eval
+        validated = bool(e.val_split and self.epoch % e.every_epochs == 0
+                         and e.val_split in self.source.splits)
+        if validated:
+            with self._whole_model():
+                if self.world.is_main:
+                    self.validate()
+        self.save()
+        stop = self._early_stop(validated) if self.world.is_main else False
         return bool(distributed.broadcast_object(stop))
 
-    def _end_of_epoch_main(self) -> bool:
+    def _early_stop(self, validated: bool) -> bool:
         e = self.recipe.eval
-        validated = (e.val_split and self.epoch % e.every_epochs == 0
-                     and e.val_split in self.source.splits)
-        if validated:
-            self.validate()
-        self.save()
         if not validated:
             return False
         best_step, best, since = self._best()
@@ -666,9 +760,16 @@ class Trainer:
                    samples_per_s: float) -> dict[str, Any]:
         stats = similarity_stats(img, txt, batch.image_ids.to(img.device),
                                  batch.text_ids.to(img.device))
+        loss, terms = out.loss.detach(), dict(out.terms)
+        if self.world.distributed and self.recipe.distributed.local_loss:
+            # each rank's loss covers its own rows: the batch's loss is their mean
+            both = distributed.average(torch.stack([loss.float(), *(
+                torch.as_tensor(v, dtype=torch.float32, device=loss.device)
+                for v in terms.values())]))
+            loss, terms = both[0], dict(zip(terms, both[1:], strict=True))
         row: dict[str, Any] = {"type": "train", "step": self.step, "epoch": self.epoch,
-                               "loss": float(out.loss.detach())}
-        row.update({f"loss/{k}": float(v) for k, v in out.terms.items()})
+                               "loss": float(loss)}
+        row.update({f"loss/{k}": float(v) for k, v in terms.items()})
         row.update({"lr": lr, "samples_per_s": samples_per_s})
         t = self._temperature()
         if t is not None:
@@ -687,11 +788,9 @@ class Trainer:
 
     def final_eval(self) -> dict[str, float]:
         """On rank 0 (the others receive its metrics)."""
-        if not self.world.is_main:
-            return distributed.broadcast_object(None)  # type: ignore[return-value]
-        metrics = self._final_eval()
-        distributed.broadcast_object(metrics)
-        return metrics
+        with self._whole_model():
+            metrics = self._final_eval() if self.world.is_main else None
+        return distributed.broadcast_object(metrics)  # type: ignore[return-value]
 
     def _final_eval(self) -> dict[str, float]:
         split = self.recipe.eval.split

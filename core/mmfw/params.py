@@ -185,8 +185,10 @@ def grad_norm(params: Iterable[torch.Tensor]) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    return float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(g.float()) for g in grads])))
+    norms = [torch.linalg.vector_norm(g.float()) for g in grads]
+    # FSDP: a shard's norm is partial; full_tensor() completes it (every rank calls this)
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
 @torch.no_grad()

@@ -147,6 +147,28 @@ class DistillConfig:
 
 
 @attrs.frozen
+class DistributedConfig:
+    """How a torchrun job shares the work (ignored on one process; see docs/scaling-out.md)."""
+
+    strategy: Literal["ddp", "fsdp"] = option(
+        "ddp", doc="ddp: every rank holds the whole model, gradients all-reduced; fsdp: "
+        "parameters, gradients and optimizer state sharded across ranks (FSDP2 "
+        "fully_shard), for encoders too large to replicate")
+    local_loss: bool = option(False, doc="each rank computes the loss of its own rows against "
+                              "the gathered global batch (open_clip's local_loss): O(n*N) "
+                              "instead of O(N^2) per rank, the same gradients")
+    fsdp_units: tuple[str, ...] = option(("vision.layers.*", "text.layers.*"),
+                                         doc="parameter groups (`mmfw list encoder` groups, "
+                                         "patterns) sharded as their own FSDP unit; the rest "
+                                         "of the model is one unit")
+    reshard_after_forward: bool = option(True, doc="fsdp: free each unit's gathered "
+                                         "parameters after its forward (less memory, one more "
+                                         "all-gather in backward)")
+    timeout_minutes: float = option(30.0, doc="collective operations wait this long before "
+                                    "the job fails", validator=_gt0)
+
+
+@attrs.frozen
 class Plugin:
     """A plugin section: the component's name and its validated options."""
 
@@ -213,6 +235,7 @@ class Recipe:
     diagnostics: DiagnosticsConfig = attrs.field(factory=DiagnosticsConfig)
     ensemble: EnsembleConfig = attrs.field(factory=EnsembleConfig)
     distill: DistillConfig = attrs.field(factory=DistillConfig)
+    distributed: DistributedConfig = attrs.field(factory=DistributedConfig)
     path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,6 +260,7 @@ class Recipe:
             "diagnostics": attrs.asdict(self.diagnostics, value_serializer=_plain),
             "ensemble": attrs.asdict(self.ensemble, value_serializer=_plain),
             "distill": attrs.asdict(self.distill, value_serializer=_plain),
+            "distributed": attrs.asdict(self.distributed, value_serializer=_plain),
         }
 
     def to_toml(self) -> str:
@@ -275,7 +299,7 @@ def _section(p: Plugin, key: str = "name", extra: Mapping[str, Any] | None = Non
 # loading
 
 TOP_LEVEL = ("run", "backend", "data", "sampler", "model", "loss", "optim", "schedule", "eval",
-             "diagnostics", "ensemble", "distill")
+             "diagnostics", "ensemble", "distill", "distributed")
 
 #: section path -> (plugin kind, key naming the plugin, default plugin or None if required)
 PLUGIN_SECTIONS: dict[str, tuple[str, str, str | None]] = {
@@ -474,5 +498,7 @@ def from_dict(data: Mapping[str, Any], file: str | None = None) -> Recipe:
         diagnostics=_section_build(DiagnosticsConfig, "diagnostics", _table(data, "diagnostics")),
         ensemble=_section_build(EnsembleConfig, "ensemble", _table(data, "ensemble")),
         distill=_section_build(DistillConfig, "distill", _table(data, "distill")),
+        distributed=_section_build(DistributedConfig, "distributed",
+                                   _table(data, "distributed")),
         path=file,
     )

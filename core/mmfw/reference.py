@@ -16,6 +16,7 @@ from .recipe import (
     DataConfig,
     DiagnosticsConfig,
     DistillConfig,
+    DistributedConfig,
     EnsembleConfig,
     EvalConfig,
     ModelConfig,
@@ -36,6 +37,7 @@ _CORE = {
     "diagnostics": DiagnosticsConfig,
     "ensemble": EnsembleConfig,
     "distill": DistillConfig,
+    "distributed": DistributedConfig,
 }
 
 

@@ -11,12 +11,14 @@ import contextlib
 import os
 import random
 import resource
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import attrs
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmfw.options import option
 
@@ -71,11 +73,25 @@ class CPUOptions:
     precision: Precision = option("fp32", doc="bf16: autocast on CPUs that have it; fp16: "
                                   "autocast with a GradScaler (slow on most CPUs; exercises "
                                   "the GPU's fp16 path)")
+    sdpa: Literal["math", "auto"] = option(
+        "math", doc="attention kernel under bf16: math (CPU flash attention's bf16 backward "
+        "made training steps 2.2x slower, benchmarks/README.md; math holds the L x L weights) "
+        "or auto (torch's choice)")
     channels_last: bool = option(False, doc="NHWC memory format for the vision tower")
     compile: bool = option(False, doc=_compile_doc())
     compile_backend: str = option("inductor", doc="torch.compile backend (inductor needs a "
                                   "C++ compiler on CPU; aot_eager traces without one)")
     compile_mode: str = option("", doc="torch.compile mode ('' default, 'max-autotune', ...)")
+
+
+@contextlib.contextmanager
+def _bf16_autocast(math_sdpa: bool) -> Iterator[None]:
+    """CPU bf16 autocast, with SDPA's math kernel if ``math_sdpa`` (entered on ``with``)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        if math_sdpa:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
 
 
 class CPUBackend(_Prepare):
@@ -93,7 +109,7 @@ class CPUBackend(_Prepare):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.options.precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return _bf16_autocast(math_sdpa=self.options.sdpa == "math")
         if self.options.precision == "fp16":
             return torch.autocast("cpu", dtype=torch.float16)
         return contextlib.nullcontext()
@@ -108,8 +124,9 @@ class CPUBackend(_Prepare):
         return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def describe(self) -> str:
-        return (f"cpu ({torch.get_num_threads()} threads, {self.options.precision}"
-                f"{self._flags()})")
+        o = self.options
+        sdpa = ", math sdpa" if o.precision == "bf16" and o.sdpa == "math" else ""
+        return f"cpu ({torch.get_num_threads()} threads, {o.precision}{sdpa}{self._flags()})"
 
 
 @attrs.frozen

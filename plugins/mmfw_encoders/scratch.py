@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from mmfw.options import option
 
+from .attention import EncoderLayer, check_layer, encoder_forward
 from .groups import ordered, timm_groups
 from .images import normalise, to_tensor
 
@@ -149,11 +150,14 @@ class ScratchText(nn.Module):
         self.tokenizer: Tokenizer | None = None
         self.embed = nn.Embedding(o.vocab_size, o.width)
         self.pos = nn.Parameter(torch.randn(o.max_length, o.width) * 0.02)
-        layer = nn.TransformerEncoderLayer(
+        layer = EncoderLayer(
             o.width, o.heads, int(o.width * o.mlp_ratio), dropout=o.dropout,
             activation="gelu", batch_first=True, norm_first=True,
         )
+        # parameters of nn.TransformerEncoder (checkpoint keys), run by attention.encoder_forward
         self.layers = nn.TransformerEncoder(layer, o.depth, enable_nested_tensor=False)
+        for each in self.layers.layers:
+            check_layer(each)
         self.norm = nn.LayerNorm(o.width)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.dim = o.width
@@ -195,7 +199,7 @@ class ScratchText(nn.Module):
         """Normalised token features ``[B, L, width]`` and the attention mask ``[B, L]``."""
         ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()
         x = self.embed(ids) + self.pos[: ids.shape[1]]
-        return self.norm(self.layers(x, src_key_padding_mask=~mask)), mask
+        return self.norm(encoder_forward(self.layers, x, mask[:, None, None, :])), mask
 
     def pool_tokens(self, x: Tensor, mask: Tensor) -> Tensor:
         """The pooled ``[B, width]`` embedding of ``forward_tokens``'s output."""

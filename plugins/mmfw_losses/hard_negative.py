@@ -15,7 +15,7 @@ from mmfw.contracts import LossOutput
 from mmfw.options import option
 
 from .infonce import soft_cross_entropy
-from .masks import positives
+from .masks import anchor_share, positives
 from .temperature import Temperature
 
 
@@ -66,25 +66,36 @@ class HardNegative(nn.Module):
     ``infonce``'s multi-positive loss is taken both ways (columns mined on columns). Mining is
     a selection, so no gradient flows through it. With ``factor = 1`` this is ``infonce``.
     Terms ``i2t``, ``t2i``, and ``mined`` (mean mined negatives per anchor, both ways).
+    Local loss: mining and the loss are per row, so a rank takes its ``image_rows`` and
+    ``text_rows`` against the whole batch, as ``infonce`` does.
     """
 
     Options = HardNegativeOptions
+    supports_local_loss = True
 
     def __init__(self, options: HardNegativeOptions | None = None) -> None:
         super().__init__()
         self.options = o = options or HardNegativeOptions()
         self.temperature = Temperature(o.temperature, o.learn_temperature, o.max_scale)
 
+    def one_way(self, queries: Tensor, keys: Tensor, query_ids: Tensor | None,
+                key_ids: Tensor | None, rows: slice | None) -> tuple[Tensor, Tensor]:
+        """The loss of ``queries[rows]`` (all when ``None``) against every key, and the mask
+        of their mined negatives."""
+        n, m = len(queries), len(keys)
+        pos = positives(n, m, query_ids, key_ids, queries.device, rows)
+        sim = queries[slice(None) if rows is None else rows] @ keys.T
+        mined = mine(sim, pos, self.options)
+        logits = self.temperature.scale() * sim + math.log(self.options.factor) * mined
+        share = anchor_share(n, m, query_ids, key_ids, queries.device, rows)
+        return soft_cross_entropy(logits, pos, divisor=share), mined
+
     def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
-                text_ids: Tensor | None = None, **context) -> LossOutput:
-        o, log_f = self.options, math.log(self.options.factor)
+                text_ids: Tensor | None = None, image_rows: slice | None = None,
+                text_rows: slice | None = None, **context) -> LossOutput:
         v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-        sim = v @ t.T
-        pos = positives(v.shape[0], t.shape[0], image_ids, text_ids, sim.device)
-        logits = self.temperature.scale() * sim
-        rows, cols = mine(sim, pos, o), mine(sim.T, pos.T, o)
-        i2t = soft_cross_entropy(logits + log_f * rows, pos)
-        t2i = soft_cross_entropy(logits.T + log_f * cols, pos.T)
-        mined = (rows.sum() + cols.sum()).float() / (sum(sim.shape))
+        i2t, mined_i = self.one_way(v, t, image_ids, text_ids, image_rows)
+        t2i, mined_t = self.one_way(t, v, text_ids, image_ids, text_rows)
+        mined = (mined_i.sum() + mined_t.sum()).float() / (len(mined_i) + len(mined_t))
         return LossOutput((i2t + t2i) / 2, {"i2t": i2t.detach(), "t2i": t2i.detach(),
                                             "mined": mined})

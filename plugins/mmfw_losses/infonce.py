@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from mmfw.contracts import LossOutput
 from mmfw.options import option
 
-from .masks import positives
+from .masks import anchor_share, positives
 from .temperature import Temperature
 
 
@@ -23,10 +23,12 @@ class InfoNCEOptions:
                                     validator=[attrs.validators.ge(0), attrs.validators.lt(1)])
 
 
-def soft_cross_entropy(logits: Tensor, pos: Tensor, smoothing: float = 0.0) -> Tensor:
+def soft_cross_entropy(logits: Tensor, pos: Tensor, smoothing: float = 0.0,
+                       divisor: Tensor | None = None) -> Tensor:
     """Mean over rows with a positive of ``-sum_j q_ij log softmax(logits)_ij``.
 
-    ``q`` is uniform over the row's positives (mixed with ``smoothing`` uniform mass).
+    ``q`` is uniform over the row's positives (mixed with ``smoothing`` uniform mass). A
+    ``divisor`` (``masks.anchor_share``: rows that are a shard of a batch) replaces the count.
     """
     has_pos = pos.any(1)
     q = pos.to(logits.dtype)
@@ -35,7 +37,17 @@ def soft_cross_entropy(logits: Tensor, pos: Tensor, smoothing: float = 0.0) -> T
         q = (1 - smoothing) * q + smoothing / logits.shape[1]
     nll = -(q * F.log_softmax(logits, dim=1)).sum(1)
     # rows without a positive contribute 0 and are not counted (no host sync)
-    return nll.mul(has_pos).sum() / has_pos.sum().clamp_min(1)
+    return nll.mul(has_pos).sum() / (has_pos.sum().clamp_min(1) if divisor is None else divisor)
+
+
+def one_way(queries: Tensor, keys: Tensor, query_ids: Tensor | None, key_ids: Tensor | None,
+            rows: slice | None, scale: Tensor, smoothing: float = 0.0) -> Tensor:
+    """One direction of InfoNCE: ``queries[rows]`` (all when ``None``) against every key."""
+    n, m = len(queries), len(keys)
+    pos = positives(n, m, query_ids, key_ids, queries.device, rows)
+    logits = scale * queries[slice(None) if rows is None else rows] @ keys.T
+    share = anchor_share(n, m, query_ids, key_ids, queries.device, rows)
+    return soft_cross_entropy(logits, pos, smoothing, share)
 
 
 class InfoNCE(nn.Module):
@@ -51,9 +63,12 @@ class InfoNCE(nn.Module):
 
     and :math:`L_{t2i}` the same over columns. With unique ids this is CLIP's loss exactly;
     with repeated ids other captions of the same image are positives, never false negatives.
+    Local loss: a rank sums :math:`i` over its ``image_rows`` (columns: its ``text_rows``)
+    against the whole batch, divided by its share of the anchors (``masks.anchor_share``).
     """
 
     Options = InfoNCEOptions
+    supports_local_loss = True
 
     def __init__(self, options: InfoNCEOptions | None = None) -> None:
         super().__init__()
@@ -61,12 +76,17 @@ class InfoNCE(nn.Module):
         self.temperature = Temperature(o.temperature, o.learn_temperature, o.max_scale)
 
     def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
-                text_ids: Tensor | None = None, **context) -> LossOutput:
+                text_ids: Tensor | None = None, image_rows: slice | None = None,
+                text_rows: slice | None = None, **context) -> LossOutput:
         v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-        logits = self.temperature.scale() * v @ t.T
-        pos = positives(v.shape[0], t.shape[0], image_ids, text_ids, logits.device)
-        ls = self.options.label_smoothing
-        i2t = soft_cross_entropy(logits, pos, ls)
-        t2i = soft_cross_entropy(logits.T, pos.T, ls)
+        scale, ls = self.temperature.scale(), self.options.label_smoothing
+        if image_rows is None and text_rows is None:  # the whole batch: one product, both ways
+            logits = scale * v @ t.T
+            pos = positives(v.shape[0], t.shape[0], image_ids, text_ids, logits.device)
+            i2t = soft_cross_entropy(logits, pos, ls)
+            t2i = soft_cross_entropy(logits.T, pos.T, ls)
+        else:
+            i2t = one_way(v, t, image_ids, text_ids, image_rows, scale, ls)
+            t2i = one_way(t, v, text_ids, image_ids, text_rows, scale, ls)
         return LossOutput((i2t + t2i) / 2, {"i2t": i2t.detach(), "t2i": t2i.detach()})
 

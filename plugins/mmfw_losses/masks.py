@@ -6,16 +6,41 @@ import torch
 from torch import Tensor
 
 
-def positives(bi: int, bt: int, image_ids: Tensor | None, text_ids: Tensor | None,
-              device: torch.device) -> Tensor:
-    """Bool ``[Bi, Bt]``: ``image_ids[i] == text_ids[j]``; with no ids, the diagonal."""
+def match_ids(bi: int, bt: int, image_ids: Tensor | None, text_ids: Tensor | None,
+              device: torch.device) -> tuple[Tensor, Tensor]:
+    """The ids that pair rows, flattened: the given ones or, with no ids, each row's index."""
     if image_ids is None and text_ids is None:
         if bi != bt:
             raise ValueError(f"image ({bi}) and text ({bt}) batches differ: pass ids")
-        return torch.eye(bi, dtype=torch.bool, device=device)
+        index = torch.arange(bi, device=device)
+        return index, index
     if image_ids is None or text_ids is None:
         raise ValueError("pass both image_ids and text_ids, or neither")
-    return image_ids.to(device).view(-1, 1) == text_ids.to(device).view(1, -1)
+    return image_ids.to(device).view(-1), text_ids.to(device).view(-1)
+
+
+def positives(bi: int, bt: int, image_ids: Tensor | None, text_ids: Tensor | None,
+              device: torch.device, rows: slice | None = None) -> Tensor:
+    """Bool ``[Bi, Bt]``: ``image_ids[i] == text_ids[j]``; with no ids, the diagonal.
+
+    ``rows`` keeps only those image rows (``[len(rows), Bt]``) without building the others: a
+    rank's share of the global batch under ``distributed.local_loss``.
+    """
+    iid, tid = match_ids(bi, bt, image_ids, text_ids, device)
+    return iid[slice(None) if rows is None else rows].view(-1, 1) == tid.view(1, -1)
+
+
+def anchor_share(bi: int, bt: int, image_ids: Tensor | None, text_ids: Tensor | None,
+                 device: torch.device, rows: slice | None = None) -> Tensor:
+    """The divisor of the summed row losses of image ``rows``: the whole batch's rows with a
+    positive (at least 1), times the fraction of the rows that ``rows`` holds.
+
+    The mean over equal shards of ``sum / share`` is then the batch's mean over anchors
+    exactly, even when the shards hold different numbers of anchors. Costs ``O(B log B)``.
+    """
+    iid, tid = match_ids(bi, bt, image_ids, text_ids, device)
+    held = len(range(bi)[slice(None) if rows is None else rows])
+    return torch.isin(iid, tid).sum().clamp_min(1) * (held / max(bi, 1))
 
 
 def pair_indices(pos: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@ from mmfw.contracts import LossOutput
 from mmfw.options import option
 
 from .infonce import soft_cross_entropy
-from .masks import positives
+from .masks import anchor_share, positives
 from .temperature import Temperature
 
 #: id stored for entries enqueued without ids: matches no anchor (reserved value)
@@ -87,9 +87,12 @@ class MemoryQueue(nn.Module):
     batch's normalised, detached rows and ids are enqueued (FIFO, training mode only). Rows
     passed without ids are stored with a reserved id that matches nothing. With ``dim = 0``
     the queues are allocated at the first batch; ``load_state_dict`` resizes them.
+    Local loss: a rank's ``image_rows`` and ``text_rows`` are the anchors (against the whole
+    batch and the queues), as in ``infonce``; every rank enqueues the same, whole batch.
     """
 
     Options = MemoryQueueOptions
+    supports_local_loss = True
 
     def __init__(self, options: MemoryQueueOptions | None = None) -> None:
         super().__init__()
@@ -97,29 +100,36 @@ class MemoryQueue(nn.Module):
         self.temperature = Temperature(o.temperature, o.learn_temperature, o.max_scale)
         self.image_queue, self.text_queue = Queue(o.size, o.dim), Queue(o.size, o.dim)
 
-    def _side(self, anchors: Tensor, batch: Tensor, pos: Tensor, ids: Tensor | None,
-              queue: Queue) -> Tensor:
+    def _side(self, queries: Tensor, keys: Tensor, query_ids: Tensor | None,
+              key_ids: Tensor | None, rows: slice | None, queue: Queue) -> Tensor:
+        """``queries[rows]`` (all when ``None``) against every key and the queued keys."""
+        n, m = len(queries), len(keys)
+        rows = slice(None) if rows is None else rows
+        pos = positives(n, m, query_ids, key_ids, queries.device, rows)
+        anchors = queries[rows]
         scale = self.temperature.scale()
-        logits = scale * anchors @ batch.T
+        logits = scale * anchors @ keys.T
         feats, qids = queue.contents()
         if len(feats):
             qlogits = scale * anchors @ feats.to(anchors.dtype).T
-            if ids is not None:
+            if query_ids is not None:
+                ids = query_ids.to(queries.device, torch.long).view(-1)[rows]
                 qlogits = qlogits.masked_fill(ids.view(-1, 1) == qids.view(1, -1), EXCLUDED)
             logits = torch.cat([logits, qlogits], 1)
             pos = torch.cat([pos, pos.new_zeros(len(anchors), len(feats))], 1)
-        return soft_cross_entropy(logits, pos)
+        share = anchor_share(n, m, query_ids, key_ids, queries.device, rows)
+        return soft_cross_entropy(logits, pos, divisor=share)
 
     def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
-                text_ids: Tensor | None = None, **context) -> LossOutput:
+                text_ids: Tensor | None = None, image_rows: slice | None = None,
+                text_rows: slice | None = None, **context) -> LossOutput:
         v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-        pos = positives(v.shape[0], t.shape[0], image_ids, text_ids, v.device)
-        iid = None if image_ids is None else image_ids.to(v.device, torch.long)
-        tid = None if text_ids is None else text_ids.to(v.device, torch.long)
-        i2t = self._side(v, t, pos, iid, self.text_queue)
-        t2i = self._side(t, v, pos.T, tid, self.image_queue)
-        if self.training:
+        i2t = self._side(v, t, image_ids, text_ids, image_rows, self.text_queue)
+        t2i = self._side(t, v, text_ids, image_ids, text_rows, self.image_queue)
+        if self.training:  # the whole batch, so the queues stay the same on every rank
             none = torch.full((1,), NO_ID, dtype=torch.long, device=v.device)
-            self.image_queue.push(v, none.expand(len(v)) if iid is None else iid)
-            self.text_queue.push(t, none.expand(len(t)) if tid is None else tid)
+            iid = none.expand(len(v)) if image_ids is None else image_ids.to(v.device, torch.long)
+            tid = none.expand(len(t)) if text_ids is None else text_ids.to(v.device, torch.long)
+            self.image_queue.push(v, iid.view(-1))
+            self.text_queue.push(t, tid.view(-1))
         return LossOutput((i2t + t2i) / 2, {"i2t": i2t.detach(), "t2i": t2i.detach()})

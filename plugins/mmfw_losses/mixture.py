@@ -64,7 +64,8 @@ class Mixture(nn.Module):
     ones too) can be a term; the sub-losses live in an ``nn.ModuleList``, so their parameters
     reach the optimizer and their buffers the checkpoint. Terms report each *unweighted* sub-loss
     as ``"<name>"`` and its own terms as ``"<name>.<term>"``; a name used twice becomes
-    ``"<name>[k]"`` (``k`` the term's index).
+    ``"<name>[k]"`` (``k`` the term's index). Local loss: the context's ``image_rows`` /
+    ``text_rows`` reach every term, so it is supported when every term supports it.
     """
 
     Options = MixtureOptions
@@ -82,6 +83,11 @@ class Mixture(nn.Module):
         self.weights = [w for _, w, _ in specs]
         self.losses = nn.ModuleList(registry.create("loss", name, **opts)
                                     for name, _, opts in specs)
+
+    @property
+    def supports_local_loss(self) -> bool:
+        """Every term takes ``image_rows`` / ``text_rows`` (``distributed.local_loss``)."""
+        return all(getattr(loss, "supports_local_loss", False) for loss in self.losses)
 
     def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
                 text_ids: Tensor | None = None, **context) -> LossOutput:

@@ -11,7 +11,7 @@ from mmfw.contracts import LossOutput
 from mmfw.options import option
 
 from .infonce import soft_cross_entropy
-from .masks import positives
+from .masks import match_ids
 from .temperature import Temperature
 
 #: a finite "minus infinity" for the self-similarity (``-inf`` would make ``0 * -inf = nan``)
@@ -40,9 +40,12 @@ class NTXent(nn.Module):
     paper's loss exactly. With repeated ids, :math:`P_a` is every other row with :math:`a`'s id
     (same-modality ones too: they are views of the same item, never negatives). :math:`A` are
     the rows with a positive. Terms ``image`` / ``text``: the mean over each modality's anchors.
+    Local loss: a rank sums :math:`a` over its ``image_rows`` and ``text_rows`` against all of
+    :math:`z`, divided by its share of :math:`|A|`.
     """
 
     Options = NTXentOptions
+    supports_local_loss = True
 
     def __init__(self, options: NTXentOptions | None = None) -> None:
         super().__init__()
@@ -50,22 +53,25 @@ class NTXent(nn.Module):
         self.temperature = Temperature(o.temperature, o.learn_temperature, o.max_scale)
 
     def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
-                text_ids: Tensor | None = None, **context) -> LossOutput:
+                text_ids: Tensor | None = None, image_rows: slice | None = None,
+                text_rows: slice | None = None, **context) -> LossOutput:
         v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
         bi, bt = v.shape[0], t.shape[0]
         z = torch.cat([v, t])
-        cross = positives(bi, bt, image_ids, text_ids, z.device)
-        if image_ids is None:
-            same_v = same_t = torch.zeros(bi, bi, dtype=torch.bool, device=z.device)
-        else:
-            iid, tid = image_ids.to(z.device).view(-1), text_ids.to(z.device).view(-1)
-            same_v, same_t = iid[:, None] == iid[None], tid[:, None] == tid[None]
-        pos = torch.cat([torch.cat([same_v, cross], 1), torch.cat([cross.T, same_t], 1)])
-        self_mask = torch.eye(bi + bt, dtype=torch.bool, device=z.device)
-        pos = pos & ~self_mask
-        logits = (self.temperature.scale() * z @ z.T).masked_fill(self_mask, EXCLUDED)
-        img, txt = soft_cross_entropy(logits[:bi], pos[:bi]), soft_cross_entropy(logits[bi:],
-                                                                               pos[bi:])
-        ni, nt = pos[:bi].any(1).sum(), pos[bi:].any(1).sum()  # the mean over all anchors:
-        loss = (img * ni + txt * nt) / (ni + nt).clamp_min(1)
+        # one id per row of z (with no ids, the row index: an image's only positive is its text)
+        zid = torch.cat(match_ids(bi, bt, image_ids, text_ids, z.device))
+        index = torch.arange(bi + bt, device=z.device)
+        ri, rt = image_rows or slice(None), text_rows or slice(None)
+        rows = torch.cat([index[:bi][ri], index[bi:][rt]])  # this rank's anchors, images first
+        k = len(range(bi)[ri])
+        self_mask = rows.view(-1, 1) == index.view(1, -1)
+        pos = (zid[rows].view(-1, 1) == zid.view(1, -1)) & ~self_mask
+        logits = (self.temperature.scale() * z[rows] @ z.T).masked_fill(self_mask, EXCLUDED)
+        img, txt = soft_cross_entropy(logits[:k], pos[:k]), soft_cross_entropy(logits[k:],
+                                                                             pos[k:])
+        # the mean over all anchors A (rows of z whose id occurs again), this rank's share of it
+        ni, nt = pos[:k].any(1).sum(), pos[k:].any(1).sum()
+        _, which, counts = zid.unique(return_inverse=True, return_counts=True)
+        anchors = (counts[which] > 1).sum().clamp_min(1) * (len(rows) / (bi + bt))
+        loss = (img * ni + txt * nt) / anchors
         return LossOutput(loss, {"image": img.detach(), "text": txt.detach()})

@@ -35,9 +35,12 @@ class SigLIP(nn.Module):
 
     Every pair is an independent binary problem, so there is no softmax over the batch and
     repeated ids simply give more +1 labels. Terms ``pos`` / ``neg`` split the sum by label.
+    Local loss: a rank sums :math:`i` over its ``image_rows`` only (every pair once) and divides
+    by their count; ``text_rows`` is not needed.
     """
 
     Options = SigLIPOptions
+    supports_local_loss = True
 
     def __init__(self, options: SigLIPOptions | None = None) -> None:
         super().__init__()
@@ -50,12 +53,14 @@ class SigLIP(nn.Module):
             self.register_buffer("bias", bias)
 
     def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
-                text_ids: Tensor | None = None, **context) -> LossOutput:
+                text_ids: Tensor | None = None, image_rows: slice | None = None,
+                **context) -> LossOutput:
         v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+        pos = positives(v.shape[0], t.shape[0], image_ids, text_ids, v.device, image_rows)
+        v = v[slice(None) if image_rows is None else image_rows]
         logits = self.temperature.scale() * v @ t.T + self.bias
-        pos = positives(v.shape[0], t.shape[0], image_ids, text_ids, logits.device)
         nll = -F.logsigmoid(torch.where(pos, logits, -logits))
-        n = v.shape[0]
+        n = v.shape[0]  # B_i / W on a rank: the W ranks' mean is the batch's sum / B_i
         pos_part, neg_part = nll.mul(pos).sum() / n, nll.mul(~pos).sum() / n
         return LossOutput(pos_part + neg_part, {"pos": pos_part.detach(),
                                                 "neg": neg_part.detach()})

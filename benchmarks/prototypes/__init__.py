@@ -1,1 +1,0 @@
-"""Changes measured here before they are proposed for the plugins (benchmarks only)."""

@@ -1,0 +1,242 @@
+"""scratch-text's attention (mmfw_encoders.attention) against nn.TransformerEncoder, and the CPU
+backend's bf16 autocast running SDPA's math kernel."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.profiler import profile
+
+import mmfw
+from helpers import tiny_recipe
+from mmfw.engine import Trainer
+from mmfw_encoders.attention import check_layer, encoder_forward
+from mmfw_encoders.scratch import ScratchText, ScratchTextOptions
+
+WIDTH, HEADS, VOCAB, MAX_LEN = 16, 2, 60, 10
+
+
+def _encoder(pooling: str = "mean", dropout: float = 0.0, seed: int = 0) -> ScratchText:
+    torch.manual_seed(seed)
+    return ScratchText(ScratchTextOptions(vocab_size=VOCAB, max_length=MAX_LEN, width=WIDTH,
+                                          depth=2, heads=HEADS, pooling=pooling, dropout=dropout))
+
+
+def _tokens(lengths: list[int], length: int = 8) -> dict[str, Tensor]:
+    """Random ids, each row padded after its own length (0: a fully padded row)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, VOCAB, (len(lengths), length), generator=g)
+    mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+    return {"input_ids": ids.masked_fill(~mask, 0), "attention_mask": mask}
+
+
+def _reference_tokens(enc: ScratchText, tokens: dict[str, Tensor]) -> Tensor:
+    """The pre-change forward_tokens: nn.TransformerEncoder on the same module."""
+    ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()
+    x = enc.embed(ids) + enc.pos[: ids.shape[1]]
+    return enc.norm(enc.layers(x, src_key_padding_mask=~mask))
+
+
+def _grads(enc: ScratchText) -> dict[str, Tensor]:
+    out = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+    enc.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("train", [False, True])
+def test_outputs_and_gradients_match_transformer_encoder(pooling: str, train: bool) -> None:
+    enc = _encoder(pooling).train(train)
+    tokens = _tokens([8, 5, 2, 7])
+    mask = tokens["attention_mask"]
+    head = torch.randn(WIDTH, 3, generator=torch.Generator().manual_seed(2))
+
+    new_tokens, new_mask = enc.forward_tokens(tokens)
+    new = enc.pool_tokens(new_tokens, new_mask)
+    (new @ head).square().sum().backward()
+    new_grads = _grads(enc)
+
+    ref_tokens = _reference_tokens(enc, tokens)
+    ref = enc.pool_tokens(ref_tokens, mask)
+    (ref @ head).square().sum().backward()
+    ref_grads = _grads(enc)
+
+    assert torch.equal(new_mask, mask)
+    torch.testing.assert_close(new_tokens[mask], ref_tokens[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new, ref, rtol=1e-5, atol=1e-5)
+    if not train:
+        torch.testing.assert_close(enc(tokens), new, rtol=0, atol=0)
+    assert new_grads.keys() == ref_grads.keys() == {n for n, _ in enc.named_parameters()}
+    for name, g in ref_grads.items():  # atol: float32 rounding at the gradient's scale (the
+        scale = g.abs().max().item()  # key bias's true gradient is 0: rounding only)
+        torch.testing.assert_close(new_grads[name], g, rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+
+def test_matches_the_fast_path_under_no_grad() -> None:
+    """Evaluation runs under no_grad, where nn.TransformerEncoderLayer takes its fused path."""
+    enc = _encoder().eval()
+    tokens = _tokens([8, 3, 6])
+    with torch.no_grad():
+        new, mask = enc.forward_tokens(tokens)
+        ref = _reference_tokens(enc, tokens)
+    torch.testing.assert_close(new[mask], ref[mask], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_fully_padded_row_is_finite(pooling: str) -> None:
+    """The old path gave NaN for an all-padding row under no_grad (its fused eval path) and
+    finite values in training; the SDPA path is finite in both, forwards and backwards."""
+    enc = _encoder(pooling)
+    tokens = _tokens([6, 0, 3])
+    for train in (True, False):
+        enc.train(train)
+        pooled = enc(tokens)
+        assert torch.isfinite(pooled).all()
+        pooled.sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in enc.parameters() if p.grad is not None)
+        enc.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            assert torch.isfinite(enc(tokens)).all()
+    enc.train()
+    with torch.no_grad():  # training mode, as the old path ran it: finite there too
+        assert torch.isfinite(enc.pool_tokens(_reference_tokens(enc, tokens),
+                                              tokens["attention_mask"])).all()
+
+
+def test_dropout_is_applied_in_training_only() -> None:
+    enc = _encoder(dropout=0.3)
+    tokens = _tokens([8, 4])
+    enc.train()
+    torch.manual_seed(3)
+    a = enc(tokens)
+    b = enc(tokens)
+    assert not torch.allclose(a, b)
+    enc.eval()
+    torch.testing.assert_close(enc(tokens), enc(tokens), rtol=0, atol=0)
+    with torch.no_grad():  # and eval matches the reference with dropout configured
+        torch.testing.assert_close(enc(tokens), enc.pool_tokens(
+            _reference_tokens(enc, tokens), tokens["attention_mask"]), rtol=1e-5, atol=1e-5)
+
+
+class _OldScratchText(nn.Module):
+    """scratch-text's module layout before the change, built independently of the plugin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.pos = nn.Parameter(torch.randn(MAX_LEN, WIDTH) * 0.02)
+        layer = nn.TransformerEncoderLayer(WIDTH, HEADS, WIDTH * 2, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(WIDTH)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        x = self.norm(self.layers(x, src_key_padding_mask=~mask))
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def test_state_dict_saved_before_loads(tmp_path) -> None:
+    torch.manual_seed(4)
+    old = _OldScratchText().train()
+    save_file(old.state_dict(), tmp_path / "text.safetensors")
+    enc = _encoder(seed=5)
+    assert enc.load_state_dict(load_file(tmp_path / "text.safetensors"), strict=True)
+    tokens = _tokens([8, 1, 5])
+    enc.train()
+    torch.testing.assert_close(enc(tokens), old(tokens["input_ids"], tokens["attention_mask"]),
+                               rtol=1e-5, atol=1e-5)
+    assert list(enc.named_groups()) and enc.named_groups() == _encoder().named_groups()
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_forward_post_norm_relu_and_final_norm(norm_first: bool) -> None:
+    torch.manual_seed(6)
+    layer = nn.TransformerEncoderLayer(12, 3, 20, dropout=0.0, activation="relu",
+                                       batch_first=True, norm_first=norm_first)
+    encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(12),
+                                    enable_nested_tensor=False).train()
+    x = torch.randn(3, 7, 12, requires_grad=True)
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 4, 1])[:, None]
+    new = encoder_forward(encoder, x, mask[:, None, None, :])
+    (gx_new,) = torch.autograd.grad(new[mask].square().sum(), x)
+    ref = encoder(x, src_key_padding_mask=~mask)
+    (gx_ref,) = torch.autograd.grad(ref[mask].square().sum(), x)
+    torch.testing.assert_close(new[mask], ref[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_new, gx_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_check_layer_rejects_sequence_first_layers() -> None:
+    with pytest.raises(ValueError, match="batch-first"):
+        check_layer(nn.TransformerEncoderLayer(8, 2, 16, batch_first=False))
+
+
+# CPU backend: bf16 autocast with SDPA's math kernel ------------------------------------------
+
+
+def _sdpa_ops(backend: object) -> set[str]:
+    """The attention operators one SDPA forward + backward under ``backend.autocast()`` ran."""
+    q = torch.randn(2, 2, 6, 8, requires_grad=True)
+    with profile() as prof:
+        with backend.autocast():
+            y = F.scaled_dot_product_attention(q, q, q)
+        y.float().sum().backward()
+    return {e.name for e in prof.events() if "scaled_dot_product" in e.name}
+
+
+def test_bf16_autocast_selects_the_math_kernel() -> None:
+    backend = mmfw.create("backend", "cpu", precision="bf16")
+    assert backend.options.sdpa == "math" and "math sdpa" in backend.describe()
+    context = backend.autocast()
+    assert torch.backends.cuda.flash_sdp_enabled()  # nothing happens before `with`
+    with context:
+        assert not torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
+
+    ops = _sdpa_ops(backend)
+    assert "aten::_scaled_dot_product_attention_math" in ops
+    assert not any("flash" in op for op in ops)
+
+
+def test_sdpa_auto_leaves_torch_to_choose() -> None:
+    backend = mmfw.create("backend", "cpu", precision="bf16", sdpa="auto")
+    assert "math sdpa" not in backend.describe()
+    with backend.autocast():
+        assert torch.backends.cuda.flash_sdp_enabled()
+    assert any("flash" in op for op in _sdpa_ops(backend))
+    fp32 = mmfw.create("backend", "cpu")  # fp32: no autocast, torch's kernel choice
+    assert "math sdpa" not in fp32.describe()
+    with fp32.autocast():
+        assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
+
+
+def test_sdpa_option_is_validated(tmp_path) -> None:
+    data = tiny_recipe(tmp_path, backend={"precision": "bf16", "sdpa": "flash"})
+    with pytest.raises(mmfw.errors.RecipeError, match="sdpa"):
+        mmfw.load_recipe(data)
+
+
+def test_bf16_training_steps_of_the_tiny_model(tmp_path) -> None:
+    recipe = mmfw.load_recipe(tiny_recipe(
+        tmp_path / "runs", name="bf16-math", backend={"precision": "bf16"},
+        run={"max_steps": 3, "log_every": 1}, eval={"val_split": ""}))
+    trainer = Trainer(recipe, console=lambda _: None)
+    assert trainer.backend.options.sdpa == "math"
+    before = {n: p.detach().clone() for n, p in trainer.model.text.named_parameters()}
+    trainer.fit()
+    rows = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["type"] == "train"]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    after = dict(trainer.model.text.named_parameters())
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], p) for n, p in after.items())
