@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import socket
 import subprocess
@@ -229,3 +230,25 @@ def test_fsdp_trains_checkpoints_resumes_and_matches_ddp(tmp_path: Path) -> None
         torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-4, msg=k)
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["type"] == "eval" and r.get("split") == "val"] == [20, 40]
+
+
+def test_torchrun_trains_an_ensemble_and_distils_it(tmp_path: Path) -> None:
+    """An ensemble's members share one process group; rank 0 alone prepares the ensemble
+    directory and evaluates the ensemble; a distillation student then learns from it."""
+    ens = _engine_recipe(tmp_path, "ens", ensemble={"seeds": [1, 2]}, run={"epochs": 1})
+    out = _torchrun(ens, tmp_path)
+    ens_dir = tmp_path / "runs" / "ens"
+    summary = json.loads((ens_dir / "ensemble.json").read_text())
+    assert sorted(summary["member_metrics"]) == ["seed-1", "seed-2"]
+    assert out.stdout.count("ensemble of 2 on test") == 1  # rank 0 talks, once
+    metrics = json.loads((ens_dir / "metrics.json").read_text())
+    assert mmfw.evaluate(ens_dir) == pytest.approx(metrics)
+    student = _engine_recipe(tmp_path, "student", run={"epochs": 1},
+                             loss={"name": "distillation", "alpha": 0.5},
+                             distill={"teacher": str(ens_dir)})
+    _torchrun(student, tmp_path)
+    rows = [json.loads(ln) for ln in
+            (tmp_path / "runs" / "student" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["type"] == "train"]
+    assert train_rows and all(math.isfinite(r["loss"]) for r in train_rows)
+    assert (tmp_path / "runs" / "student" / "metrics.json").is_file()

@@ -846,6 +846,7 @@ def train(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool 
         return train_ensemble(recipe, resume=resume, overwrite=overwrite, console=console)
     t0 = time.perf_counter()
     trainer = None
+    owner = not distributed.active()  # an ensemble keeps one group open for its members
     try:
         trainer = Trainer(recipe, resume=resume, overwrite=overwrite, console=console)
         stopped_by = trainer.fit()
@@ -854,7 +855,8 @@ def train(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool 
     finally:
         if trainer is not None:
             trainer.release()
-        distributed.shutdown()  # a no-op without torchrun
+        if owner:
+            distributed.shutdown()  # a no-op without torchrun
     seconds = time.perf_counter() - t0
     trainer.say(f"final {recipe.eval.split}: " + _fmt(metrics))
     trainer.say(f"run directory: {trainer.run_dir} ({seconds:.0f}s, {trainer.step} steps, "
