@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import attrs
 import torch
@@ -77,15 +78,32 @@ def gather_rows(x: Tensor) -> tuple[Tensor, slice]:
     """:func:`gather_with_grad`, and this rank's rows in the result (for a local loss)."""
     if not active():
         return x, slice(0, x.shape[0])
-    from torch.distributed.nn.functional import all_gather
-
     sizes = _sizes(x)
     pad = max(sizes) - x.shape[0]
     padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad)) if pad else x
-    parts = all_gather(padded.contiguous())
+    parts = _AllGather.apply(padded.contiguous()).chunk(len(sizes))
     start = sum(sizes[:dist.get_rank()])
     return (torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]),
             slice(start, start + x.shape[0]))
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather (rank order, concatenated) whose backward hands each rank the sum of the
+    gradients every rank's loss sent to its rows (all-reduce, then its own slice)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
 
 
 @torch.no_grad()
