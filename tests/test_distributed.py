@@ -21,6 +21,8 @@ from torch import nn
 import mmfw
 from helpers import SUBPROCESS_ENV, tiny_recipe
 from mmfw import distributed as D
+from mmfw import sharding
+from mmfw.model import build_model
 from mmfw.sharding import full
 
 
@@ -252,3 +254,77 @@ def test_torchrun_trains_an_ensemble_and_distils_it(tmp_path: Path) -> None:
     train_rows = [r for r in rows if r["type"] == "train"]
     assert train_rows and all(math.isfinite(r["loss"]) for r in train_rows)
     assert (tmp_path / "runs" / "student" / "metrics.json").is_file()
+
+
+def _tiny_bert(folder: Path) -> Path:
+    """A 2-layer random BERT and its tokenizer, saved as a hub download would be."""
+    import transformers as tf
+
+    words = ["a", "an", "the", "of", "and", "on", "left", "right", "above", "below", "red",
+             "blue", "green", "yellow", "small", "large", "circle", "square", "triangle",
+             "star", "its", "is", "with"]
+    vocab = folder / "vocab.txt"
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = tf.BertTokenizerFast(vocab_file=str(vocab))
+    torch.manual_seed(0)
+    tf.BertModel(tf.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=64,
+                               max_position_embeddings=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_fsdp_shards_hf_and_timm_encoders_block_by_block(tmp_path: Path) -> None:
+    """The encoders FSDP is for: a transformers BERT (hf-text, loaded from a saved folder)
+    and a timm ViT (timm-vision), one FSDP unit per block; one step's gradients equal one
+    process's on the global batch."""
+    bert = _tiny_bert(tmp_path / "bert")
+    model = {"vision": {"name": "timm-vision", "model": "test_vit", "pretrained": False},
+             "text": {"name": "hf-text", "model": str(bert), "pooling": "mean"}}
+
+    def recipe(name: str, **sections: object) -> str:
+        data = tiny_recipe(tmp_path / "runs", name=name, **sections)
+        data["model"].update(model)  # replace the scratch towers, options and all
+        path = tmp_path / f"{name}.toml"
+        path.write_text(tomli_w.dumps(data), encoding="utf-8")
+        return str(path)
+
+    two = recipe("two", distributed={"strategy": "fsdp"})
+    mp.spawn(_engine_worker, args=(_free_port(), [two], str(tmp_path)), nprocs=2, join=True)
+    expected = _one_step(recipe("one"))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"engine0-rank{rank}.pt")
+        assert got.keys() == expected.keys()
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-6, msg=k)
+    units = sharding.unit_modules(build_model(mmfw.load_recipe(two).model),
+                                  ("vision.layers.*", "text.layers.*"))
+    assert len(units) == 6 + 2  # test_vit's 6 blocks, BERT's 2 layers
+
+
+STAGES = {  # freezing and unfreezing towers, and a loss change at each stage
+    "name": "three-stage", "warmup_steps": 0,
+    "stages": [
+        {"name": "heads", "steps": 6, "freeze": ["vision", "text"], "loss": "infonce"},
+        {"name": "queue", "steps": 6, "freeze": ["vision.embeddings", "text"],
+         "lr_mult": {"vision.layers.*": 0.1}, "loss": {"name": "memory_queue", "size": 64}},
+        {"name": "all", "lr_mult": {"vision": 0.1, "text": 0.1},
+         "loss": {"name": "hard_negative", "mining": "semi-hard"}},
+    ],
+}
+
+
+def test_fsdp_follows_a_three_stage_schedule_like_ddp(tmp_path: Path) -> None:
+    """Stages freeze and unfreeze sharded parameters and switch losses (queue state included);
+    with local_loss too, the FSDP run ends with the DDP run's weights."""
+    ddp = _engine_recipe(tmp_path, "ddp", schedule=STAGES, run={"epochs": 1})
+    fsdp = _engine_recipe(tmp_path, "fsdp", schedule=STAGES, run={"epochs": 1},
+                          distributed={"strategy": "fsdp", "local_loss": True})
+    _torchrun(ddp, tmp_path)
+    out = _torchrun(fsdp, tmp_path)
+    assert "stage 'all' from step 12" in out.stdout
+    got, want = _weights(tmp_path / "runs" / "fsdp"), _weights(tmp_path / "runs" / "ddp")
+    assert got.keys() == want.keys() and any(k.startswith("loss.") for k in want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-4, msg=k)

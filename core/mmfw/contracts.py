@@ -30,6 +30,11 @@ class Loss(Protocol):
     Rows i, j are positives iff ``image_ids[i] == text_ids[j]``; with no ids row i pairs with row
     i. Inputs are raw embeddings: the loss normalises where its math says so. ``context`` may hold
     ``step``, ``epoch``, ``labels``, ``teacher_image``/``teacher_text``; ignore what you don't use.
+
+    Optional: ``supports_local_loss = True`` (``distributed.local_loss``): under torchrun the
+    context then holds ``image_rows`` / ``text_rows`` (this rank's slices of the gathered
+    batch) and ``shards`` (the number of ranks); the loss computes only those rows' terms
+    against the whole batch, scaled so that the mean over the ranks is the whole batch's loss.
     """
 
     def __call__(

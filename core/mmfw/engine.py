@@ -132,7 +132,8 @@ class _GlobalBatch(nn.Module):
         image, image_rows = distributed.gather_rows(image)
         text, text_rows = distributed.gather_rows(text)
         if self.local:  # distributed.local_loss: this rank's rows against the global batch
-            context.update(image_rows=image_rows, text_rows=text_rows)
+            context.update(image_rows=image_rows, text_rows=text_rows,
+                           shards=torch.distributed.get_world_size())
         return self.inner(image, text,
                           image_ids=None if image_ids is None else distributed.gather(image_ids),
                           text_ids=None if text_ids is None else distributed.gather(text_ids),

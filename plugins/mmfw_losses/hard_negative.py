@@ -79,7 +79,8 @@ class HardNegative(nn.Module):
         self.temperature = Temperature(o.temperature, o.learn_temperature, o.max_scale)
 
     def one_way(self, queries: Tensor, keys: Tensor, query_ids: Tensor | None,
-                key_ids: Tensor | None, rows: slice | None) -> tuple[Tensor, Tensor]:
+                key_ids: Tensor | None, rows: slice | None, shards: int | None = None
+                ) -> tuple[Tensor, Tensor]:
         """The loss of ``queries[rows]`` (all when ``None``) against every key, and the mask
         of their mined negatives."""
         n, m = len(queries), len(keys)
@@ -87,15 +88,16 @@ class HardNegative(nn.Module):
         sim = queries[slice(None) if rows is None else rows] @ keys.T
         mined = mine(sim, pos, self.options)
         logits = self.temperature.scale() * sim + math.log(self.options.factor) * mined
-        share = anchor_share(n, m, query_ids, key_ids, queries.device, rows)
+        share = anchor_share(n, m, query_ids, key_ids, queries.device, rows, shards)
         return soft_cross_entropy(logits, pos, divisor=share), mined
 
     def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
                 text_ids: Tensor | None = None, image_rows: slice | None = None,
-                text_rows: slice | None = None, **context) -> LossOutput:
+                text_rows: slice | None = None, shards: int | None = None,
+                **context) -> LossOutput:
         v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-        i2t, mined_i = self.one_way(v, t, image_ids, text_ids, image_rows)
-        t2i, mined_t = self.one_way(t, v, text_ids, image_ids, text_rows)
+        i2t, mined_i = self.one_way(v, t, image_ids, text_ids, image_rows, shards)
+        t2i, mined_t = self.one_way(t, v, text_ids, image_ids, text_rows, shards)
         mined = (mined_i.sum() + mined_t.sum()).float() / (len(mined_i) + len(mined_t))
         return LossOutput((i2t + t2i) / 2, {"i2t": i2t.detach(), "t2i": t2i.detach(),
                                             "mined": mined})

@@ -41,12 +41,13 @@ def soft_cross_entropy(logits: Tensor, pos: Tensor, smoothing: float = 0.0,
 
 
 def one_way(queries: Tensor, keys: Tensor, query_ids: Tensor | None, key_ids: Tensor | None,
-            rows: slice | None, scale: Tensor, smoothing: float = 0.0) -> Tensor:
+            rows: slice | None, scale: Tensor, smoothing: float = 0.0,
+            shards: int | None = None) -> Tensor:
     """One direction of InfoNCE: ``queries[rows]`` (all when ``None``) against every key."""
     n, m = len(queries), len(keys)
     pos = positives(n, m, query_ids, key_ids, queries.device, rows)
     logits = scale * queries[slice(None) if rows is None else rows] @ keys.T
-    share = anchor_share(n, m, query_ids, key_ids, queries.device, rows)
+    share = anchor_share(n, m, query_ids, key_ids, queries.device, rows, shards)
     return soft_cross_entropy(logits, pos, smoothing, share)
 
 
@@ -64,7 +65,8 @@ class InfoNCE(nn.Module):
     and :math:`L_{t2i}` the same over columns. With unique ids this is CLIP's loss exactly;
     with repeated ids other captions of the same image are positives, never false negatives.
     Local loss: a rank sums :math:`i` over its ``image_rows`` (columns: its ``text_rows``)
-    against the whole batch, divided by its share of the anchors (``masks.anchor_share``).
+    against the whole batch, divided by the batch's anchors over the number of ``shards``
+    (ranks; ``masks.anchor_share``).
     """
 
     Options = InfoNCEOptions
@@ -77,7 +79,8 @@ class InfoNCE(nn.Module):
 
     def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
                 text_ids: Tensor | None = None, image_rows: slice | None = None,
-                text_rows: slice | None = None, **context) -> LossOutput:
+                text_rows: slice | None = None, shards: int | None = None,
+                **context) -> LossOutput:
         v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
         scale, ls = self.temperature.scale(), self.options.label_smoothing
         if image_rows is None and text_rows is None:  # the whole batch: one product, both ways
@@ -86,7 +89,7 @@ class InfoNCE(nn.Module):
             i2t = soft_cross_entropy(logits, pos, ls)
             t2i = soft_cross_entropy(logits.T, pos.T, ls)
         else:
-            i2t = one_way(v, t, image_ids, text_ids, image_rows, scale, ls)
-            t2i = one_way(t, v, text_ids, image_ids, text_rows, scale, ls)
+            i2t = one_way(v, t, image_ids, text_ids, image_rows, scale, ls, shards)
+            t2i = one_way(t, v, text_ids, image_ids, text_rows, scale, ls, shards)
         return LossOutput((i2t + t2i) / 2, {"i2t": i2t.detach(), "t2i": t2i.detach()})
 

@@ -31,16 +31,24 @@ def positives(bi: int, bt: int, image_ids: Tensor | None, text_ids: Tensor | Non
 
 
 def anchor_share(bi: int, bt: int, image_ids: Tensor | None, text_ids: Tensor | None,
-                 device: torch.device, rows: slice | None = None) -> Tensor:
+                 device: torch.device, rows: slice | None = None,
+                 shards: int | None = None) -> Tensor:
     """The divisor of the summed row losses of image ``rows``: the whole batch's rows with a
-    positive (at least 1), times the fraction of the rows that ``rows`` holds.
+    positive (at least 1), divided by the number of ``shards`` (ranks) the rows are one of.
 
-    The mean over equal shards of ``sum / share`` is then the batch's mean over anchors
-    exactly, even when the shards hold different numbers of anchors. Costs ``O(B log B)``.
+    The mean over the shards of ``sum / share`` (what DDP's gradient averaging takes) is then
+    the batch's mean over anchors exactly, whatever each shard holds: ranks may hold different
+    numbers of image rows (a rank's batch keeps one row per image) and of anchors. Without
+    ``shards``, ``rows``' fraction of the batch stands in (exact for equal shards).
+    Costs ``O(B log B)``.
     """
     iid, tid = match_ids(bi, bt, image_ids, text_ids, device)
-    held = len(range(bi)[slice(None) if rows is None else rows])
-    return torch.isin(iid, tid).sum().clamp_min(1) * (held / max(bi, 1))
+    count = torch.isin(iid, tid).sum().clamp_min(1)
+    if rows is None:
+        return count
+    if shards:
+        return count / shards
+    return count * (len(range(bi)[rows]) / max(bi, 1))
 
 
 def pair_indices(pos: Tensor) -> tuple[Tensor, Tensor]:

@@ -101,7 +101,8 @@ class MemoryQueue(nn.Module):
         self.image_queue, self.text_queue = Queue(o.size, o.dim), Queue(o.size, o.dim)
 
     def _side(self, queries: Tensor, keys: Tensor, query_ids: Tensor | None,
-              key_ids: Tensor | None, rows: slice | None, queue: Queue) -> Tensor:
+              key_ids: Tensor | None, rows: slice | None, queue: Queue,
+              shards: int | None = None) -> Tensor:
         """``queries[rows]`` (all when ``None``) against every key and the queued keys."""
         n, m = len(queries), len(keys)
         rows = slice(None) if rows is None else rows
@@ -117,15 +118,16 @@ class MemoryQueue(nn.Module):
                 qlogits = qlogits.masked_fill(ids.view(-1, 1) == qids.view(1, -1), EXCLUDED)
             logits = torch.cat([logits, qlogits], 1)
             pos = torch.cat([pos, pos.new_zeros(len(anchors), len(feats))], 1)
-        share = anchor_share(n, m, query_ids, key_ids, queries.device, rows)
+        share = anchor_share(n, m, query_ids, key_ids, queries.device, rows, shards)
         return soft_cross_entropy(logits, pos, divisor=share)
 
     def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
                 text_ids: Tensor | None = None, image_rows: slice | None = None,
-                text_rows: slice | None = None, **context) -> LossOutput:
+                text_rows: slice | None = None, shards: int | None = None,
+                **context) -> LossOutput:
         v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-        i2t = self._side(v, t, image_ids, text_ids, image_rows, self.text_queue)
-        t2i = self._side(t, v, text_ids, image_ids, text_rows, self.image_queue)
+        i2t = self._side(v, t, image_ids, text_ids, image_rows, self.text_queue, shards)
+        t2i = self._side(t, v, text_ids, image_ids, text_rows, self.image_queue, shards)
         if self.training:  # the whole batch, so the queues stay the same on every rank
             none = torch.full((1,), NO_ID, dtype=torch.long, device=v.device)
             iid = none.expand(len(v)) if image_ids is None else image_ids.to(v.device, torch.long)

@@ -54,7 +54,8 @@ class NTXent(nn.Module):
 
     def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
                 text_ids: Tensor | None = None, image_rows: slice | None = None,
-                text_rows: slice | None = None, **context) -> LossOutput:
+                text_rows: slice | None = None, shards: int | None = None,
+                **context) -> LossOutput:
         v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
         bi, bt = v.shape[0], t.shape[0]
         z = torch.cat([v, t])
@@ -69,9 +70,12 @@ class NTXent(nn.Module):
         logits = (self.temperature.scale() * z[rows] @ z.T).masked_fill(self_mask, EXCLUDED)
         img, txt = soft_cross_entropy(logits[:k], pos[:k]), soft_cross_entropy(logits[k:],
                                                                              pos[k:])
-        # the mean over all anchors A (rows of z whose id occurs again), this rank's share of it
+        # the mean over all anchors A (rows of z whose id occurs again); on one of ``shards``
+        # ranks A / shards, so that the ranks' mean is the batch's loss
         ni, nt = pos[:k].any(1).sum(), pos[k:].any(1).sum()
         _, which, counts = zid.unique(return_inverse=True, return_counts=True)
-        anchors = (counts[which] > 1).sum().clamp_min(1) * (len(rows) / (bi + bt))
+        anchors = (counts[which] > 1).sum().clamp_min(1)
+        if image_rows is not None or text_rows is not None:
+            anchors = anchors / shards if shards else anchors * (len(rows) / (bi + bt))
         loss = (img * ni + txt * nt) / anchors
         return LossOutput(loss, {"image": img.detach(), "text": txt.detach()})

@@ -54,13 +54,15 @@ class SigLIP(nn.Module):
 
     def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
                 text_ids: Tensor | None = None, image_rows: slice | None = None,
-                **context) -> LossOutput:
+                shards: int | None = None, **context) -> LossOutput:
         v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
         pos = positives(v.shape[0], t.shape[0], image_ids, text_ids, v.device, image_rows)
+        bi = v.shape[0]
         v = v[slice(None) if image_rows is None else image_rows]
         logits = self.temperature.scale() * v @ t.T + self.bias
         nll = -F.logsigmoid(torch.where(pos, logits, -logits))
-        n = v.shape[0]  # B_i / W on a rank: the W ranks' mean is the batch's sum / B_i
+        # on one of ``shards`` ranks B_i / shards: the ranks' mean is the batch's sum / B_i
+        n = bi / shards if image_rows is not None and shards else v.shape[0]
         pos_part, neg_part = nll.mul(pos).sum() / n, nll.mul(~pos).sum() / n
         return LossOutput(pos_part + neg_part, {"pos": pos_part.detach(),
                                                 "neg": neg_part.detach()})
