@@ -531,9 +531,9 @@ class Trainer:
         o = self.recipe.optim
         dist_on = self.world.distributed
         # soft targets when the images were mixed; the global batch under torchrun
-        if dist_on:
-            loss = _GlobalBatch(self.loss, local=self.recipe.distributed.local_loss)
-        loss = mix_targets(loss if dist_on else self.loss, batch)
+        loss = (_GlobalBatch(self.loss, local=self.recipe.distributed.local_loss) if dist_on
+                else self.loss)
+        loss = mix_targets(loss, batch)
         scale = self.scaler.scale if self.scaler is not None else _unscaled
         fmt = getattr(self.backend, "memory_format", None)
         if fmt is not None and batch.pixels.dim() == 4:
