@@ -185,7 +185,7 @@ def test_finite_loss_and_gradients(weighted, data):
     assert all(torch.isfinite(v) for v in out.terms.values())
     out.loss.backward()
     assert torch.isfinite(image.grad).all() and torch.isfinite(text.grad).all()
-    assert torch.isfinite(loss.log_scale.grad)
+    assert torch.isfinite(loss.temperature.log_scale.grad)
 
 
 @WEIGHTED
@@ -231,12 +231,12 @@ def test_anchors_without_a_negative_are_left_out():
 
 def test_temperature_is_a_parameter_only_when_learned():
     fixed, learned = DCL(), DCL(DCLOptions(temperature=0.05, learn_temperature=True))
-    assert list(fixed.parameters()) == [] and "log_scale" in fixed.state_dict()
-    assert [n for n, _ in learned.named_parameters()] == ["log_scale"]
-    assert learned.scale().item() == pytest.approx(20.0)
+    assert list(fixed.parameters()) == [] and "temperature.log_scale" in fixed.state_dict()
+    assert [n for n, _ in learned.named_parameters()] == ["temperature.log_scale"]
+    assert learned.temperature.scale().item() == pytest.approx(20.0)
     with torch.no_grad():
-        learned.log_scale.fill_(10.0)
-    assert learned.scale().item() == pytest.approx(100.0)  # clamped to max_scale
+        learned.temperature.log_scale.fill_(10.0)
+    assert learned.temperature.scale().item() == pytest.approx(100.0)  # clamped to max_scale
 
 
 def test_options_are_validated_with_recipe_errors():

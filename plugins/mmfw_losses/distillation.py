@@ -8,10 +8,10 @@ from torch import Tensor, nn
 
 from mmfw.contracts import LossOutput
 from mmfw.options import option
+from mmfw.pairing import positives
+from mmfw.temperature import Temperature
 
 from .infonce import soft_cross_entropy
-from .masks import positives
-from .temperature import Temperature
 
 
 @attrs.frozen

@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from mmfw.contracts import LossOutput
 from mmfw.options import option
+from mmfw.pairing import anchor_share, positives
+from mmfw.temperature import Temperature
 
 from .infonce import soft_cross_entropy
-from .masks import anchor_share, positives
-from .temperature import Temperature
 
 
 @attrs.frozen

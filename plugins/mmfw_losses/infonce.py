@@ -8,9 +8,8 @@ from torch import Tensor, nn
 
 from mmfw.contracts import LossOutput
 from mmfw.options import option
-
-from .masks import anchor_share, positives
-from .temperature import Temperature
+from mmfw.pairing import anchor_share, positives
+from mmfw.temperature import Temperature
 
 
 @attrs.frozen

@@ -12,8 +12,7 @@ from torch import Tensor, nn
 from mmfw.contracts import LossOutput
 from mmfw.errors import MmfwError
 from mmfw.options import option
-
-from .masks import pair_indices, positives
+from mmfw.pairing import pair_indices, positives
 
 Match = Callable[[Tensor, Tensor], Tensor]
 

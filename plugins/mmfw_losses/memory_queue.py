@@ -9,10 +9,10 @@ from torch import Tensor, nn
 
 from mmfw.contracts import LossOutput
 from mmfw.options import option
+from mmfw.pairing import anchor_share, positives
+from mmfw.temperature import Temperature
 
 from .infonce import soft_cross_entropy
-from .masks import anchor_share, positives
-from .temperature import Temperature
 
 #: id stored for entries enqueued without ids: matches no anchor (reserved value)
 NO_ID = torch.iinfo(torch.int64).min

@@ -9,10 +9,10 @@ from torch import Tensor, nn
 
 from mmfw.contracts import LossOutput
 from mmfw.options import option
+from mmfw.pairing import match_ids
+from mmfw.temperature import Temperature
 
 from .infonce import soft_cross_entropy
-from .masks import match_ids
-from .temperature import Temperature
 
 #: a finite "minus infinity" for the self-similarity (``-inf`` would make ``0 * -inf = nan``)
 EXCLUDED = -1e9

@@ -9,9 +9,8 @@ from torch import Tensor, nn
 
 from mmfw.contracts import LossOutput
 from mmfw.options import option
-
-from .masks import positives
-from .temperature import Temperature
+from mmfw.pairing import positives
+from mmfw.temperature import Temperature
 
 
 @attrs.frozen

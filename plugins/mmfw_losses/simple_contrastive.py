@@ -8,11 +8,11 @@ from torch import Tensor, nn
 
 from mmfw.contracts import LossOutput
 from mmfw.options import option
+from mmfw.pairing import pair_indices, positives
+from mmfw.temperature import Temperature
 
 from .decorrelation import decorrelation
 from .infonce import soft_cross_entropy
-from .masks import pair_indices, positives
-from .temperature import Temperature
 
 
 @attrs.frozen

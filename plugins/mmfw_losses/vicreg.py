@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 from mmfw.contracts import LossOutput
 from mmfw.options import option
+from mmfw.pairing import pair_indices, positives
 
-from .masks import pair_indices, positives
 from .stats import covariance, off_diagonal_sq
 
 

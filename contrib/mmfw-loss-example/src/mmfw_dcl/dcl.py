@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import attrs
 import torch
 import torch.nn.functional as F
@@ -11,6 +9,8 @@ from torch import Tensor, nn
 
 from mmfw import LossOutput
 from mmfw.options import option
+from mmfw.pairing import positives
+from mmfw.temperature import Temperature
 
 #: a finite "minus infinity" for excluded candidates (``-inf`` would make ``0 * -inf = nan``)
 EXCLUDED = -1e9
@@ -27,18 +27,6 @@ class DCLOptions:
                             "von Mises-Fisher function of its similarity")
     sigma: float = option(0.5, doc="DCLW: the weighting function's temperature",
                           validator=attrs.validators.gt(0))
-
-
-def positive_mask(bi: int, bt: int, image_ids: Tensor | None, text_ids: Tensor | None,
-                  device: torch.device) -> Tensor:
-    """Bool ``[Bi, Bt]``: ``image_ids[i] == text_ids[j]``; with no ids, the diagonal."""
-    if image_ids is None and text_ids is None:
-        if bi != bt:
-            raise ValueError(f"image ({bi}) and text ({bt}) batches differ: pass ids")
-        return torch.eye(bi, dtype=torch.bool, device=device)
-    if image_ids is None or text_ids is None:
-        raise ValueError("pass both image_ids and text_ids, or neither")
-    return image_ids.to(device).view(-1, 1) == text_ids.to(device).view(1, -1)
 
 
 def vmf_weights(sim: Tensor, pos: Tensor, sigma: float) -> Tensor:
@@ -83,26 +71,18 @@ class DCL(nn.Module):
     def __init__(self, options: DCLOptions | None = None) -> None:
         super().__init__()
         self.options = o = options or DCLOptions()
-        log_scale = torch.tensor(math.log(1.0 / o.temperature))  # CLIP's logit_scale
-        if o.learn_temperature:
-            self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
-
-    def scale(self) -> Tensor:
-        """``1 / tau``, clamped to ``max_scale``."""
-        return self.log_scale.clamp(max=math.log(self.options.max_scale)).exp()
+        self.temperature = Temperature(o.temperature, o.learn_temperature, o.max_scale)
 
     def forward(self, image: Tensor, text: Tensor, *, image_ids: Tensor | None = None,
                 text_ids: Tensor | None = None, **context) -> LossOutput:
         v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
         sim = v @ t.T
-        pos = positive_mask(v.shape[0], t.shape[0], image_ids, text_ids, sim.device)
+        pos = positives(v.shape[0], t.shape[0], image_ids, text_ids, sim.device)
         if self.options.weighted:
             weights = vmf_weights(sim, pos, self.options.sigma)
         else:
             weights = pos.to(sim.dtype)
-        logits = self.scale() * sim
+        logits = self.temperature.scale() * sim
         i2t = decoupled(logits, pos, weights)
         t2i = decoupled(logits.T, pos.T, weights.T)
         return LossOutput((i2t + t2i) / 2, {"i2t": i2t.detach(), "t2i": t2i.detach()})

@@ -1,4 +1,4 @@
-"""A temperature that can be learned, shared by the losses that divide similarities by one."""
+"""A temperature that can be learned: public for every loss that divides similarities by one."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Positive masks from match ids: the one place the pairing rule lives."""
+"""The pairing rule of the loss contract, as masks: public so every loss (built-in or a
+plugin's) pairs rows the same way. Rows i, j are positives iff ``image_ids[i] == text_ids[j]``."""
 
 from __future__ import annotations
 
