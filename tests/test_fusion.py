@@ -140,6 +140,27 @@ def test_itm_hard_negatives_follow_similarity() -> None:
     assert picks.count(1) >= 18
 
 
+def test_itm_scores_only_the_rows_its_scorer_has_tokens_of() -> None:
+    """Under torchrun the loss sees the gathered batch but a rank's scorer holds its own rows'
+    tokens (``Match.rows``): the loss is then the one of those rows alone, same draws."""
+    from mmfw.model import Match
+
+    g = torch.Generator().manual_seed(3)
+    v, t = torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g)
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 5, 6, 7, 8])
+    tokens = (torch.randn(10, 3, 32, generator=g), torch.ones(10, 3, dtype=torch.bool))
+    head = build_model(_recipe(Path("unused")).model).fusion
+    mine = slice(4, 9)
+    local = Match(head, (tokens[0][mine], tokens[1][mine]), (tokens[0][mine], tokens[1][mine]))
+    itm = create("loss", "itm")
+    torch.manual_seed(0)
+    want = itm(v[mine], t[mine], image_ids=ids[mine], text_ids=ids[mine], match=local)
+    torch.manual_seed(0)
+    got = itm(v, t, image_ids=ids, text_ids=ids, match=local.within(mine, mine))
+    torch.testing.assert_close(got.loss, want.loss)
+    assert got.terms["accuracy"] == want.terms["accuracy"]
+
+
 def test_itm_without_fusion_says_what_to_add() -> None:
     with pytest.raises(MmfwError, match=r"\[model.fusion\]"):
         create("loss", "itm")(torch.randn(4, 8), torch.randn(4, 8))

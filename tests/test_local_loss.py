@@ -191,6 +191,9 @@ def test_losses_on_batch_statistics_do_not_claim_support():
         if name in SUPPORTED or name == "mixture":
             assert make(name).supports_local_loss, name
             continue
+        if name == "itm":  # always per rank: it scores the rows its fusion tokens are of
+            assert mmfw.create("loss", name).supports_local_loss
+            continue
         loss = mmfw.create("loss", name)
         assert not getattr(loss, "supports_local_loss", False), name
     mixed = mmfw.create("loss", "mixture", terms=[{"name": "infonce"}, {"name": "vicreg"}])

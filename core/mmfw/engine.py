@@ -28,7 +28,7 @@ from .diagnostics import Diagnostics
 from .errors import MmfwError, RecipeError, ResumeError
 from .evaluation import evaluate_split
 from .gradcache import gradcache_step, naive_step
-from .model import DualEncoder, build_model, fused_forward, fusion_of
+from .model import DualEncoder, Match, build_model, fused_forward, fusion_of
 from .params import ParamTable, balance_towers, lr_multipliers
 from .plots import run_plots
 from .recipe import Recipe, load_recipe
@@ -134,6 +134,8 @@ class _GlobalBatch(nn.Module):
         if self.local:  # distributed.local_loss: this rank's rows against the global batch
             context.update(image_rows=image_rows, text_rows=text_rows,
                            shards=torch.distributed.get_world_size())
+        if isinstance(context.get("match"), Match):  # [model.fusion]: tokens stay local
+            context["match"] = context["match"].within(image_rows, text_rows)
         return self.inner(image, text,
                           image_ids=None if image_ids is None else distributed.gather(image_ids),
                           text_ids=None if text_ids is None else distributed.gather(text_ids),
@@ -573,6 +575,13 @@ class Trainer:
         key = tuple(p.requires_grad for p in self.model.parameters())
         if self._ddp is None or key != self._ddp_key:
             ids = [self.device.index] if self.device.type == "cuda" else None
+            head = fusion_of(self.model)
+            if head is not None:  # scored outside forward: DDP would mark it ready twice
+                nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    self.model, [f"fusion.{n}" for n, _ in (*head.named_parameters(),
+                                                            *head.named_buffers())])
+                for t in head.state_dict().values():  # DDP's start-up broadcast, for it
+                    torch.distributed.broadcast(t, 0)
             self._ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=ids, find_unused_parameters=True)
             self._ddp_key = key
@@ -582,15 +591,19 @@ class Trainer:
                                 ) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """One whole batch with [model.fusion]: token features from the same forward pass,
         and ``match(image_rows, text_rows)`` (ITM logits of in-batch pairs) in the context."""
-        if self.recipe.optim.accumulate > 1 or self.world.distributed:
-            raise MmfwError("[model.fusion] is not supported yet with optim.accumulate > 1 or "
-                            "distributed training: set optim.accumulate = 1 and run on one "
-                            "process, or remove [model.fusion]")
+        if self.recipe.optim.accumulate > 1:
+            raise MmfwError("[model.fusion] is not supported yet with optim.accumulate > 1: "
+                            "set optim.accumulate = 1, or remove [model.fusion]")
+        dist_on = self.world.distributed
         with self.backend.autocast():
-            img, txt, context = fused_forward(self.model, batch.pixels, batch.tokens, context)
+            img, txt, context = fused_forward(self._ddp_model() if dist_on else self.model,
+                                              batch.pixels, batch.tokens, context)
             out = loss(img, txt, image_ids=batch.image_ids, text_ids=batch.text_ids,
                        **context)
         scale(out.loss).backward()
+        if dist_on:  # the head runs after DDP's forward, so DDP leaves it alone: average here
+            _average_gradients([*fusion_of(self.model).parameters(),
+                                *self.loss_module.parameters()], self.world.world_size)
         return out, img, txt
 
     def _optimizer_step(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,21 +130,38 @@ def fusion_of(model: nn.Module) -> nn.Module | None:
     return getattr(getattr(model, "module", model), "fusion", None)
 
 
+class Match:
+    """``match(image_rows, text_rows) -> logits [P]``: the fusion head's ITM logits of pairs,
+    from the token features of the forward pass that made the embeddings.
+
+    ``rows`` are the slices of the loss's image and text batches those token features belong
+    to, and the indices a call takes count from their starts. On one process that is the whole
+    batch; under torchrun the loss sees the gathered batch, but token features stay on their
+    rank (gathering ``[B, L, width]`` tokens would cost more than the whole contrastive
+    gather), so a rank scores pairs of its own rows: ALBEF's per-GPU ITM negatives.
+    """
+
+    def __init__(self, head: nn.Module, image_tokens: tuple[Tensor, Tensor],
+                 text_tokens: tuple[Tensor, Tensor],
+                 rows: tuple[slice, slice] = (slice(None), slice(None))) -> None:
+        self.head, self.image_tokens, self.text_tokens, self.rows = (
+            head, image_tokens, text_tokens, rows)
+
+    def __call__(self, image_rows: Tensor, text_rows: Tensor) -> Tensor:
+        (vt, vm), (tt, tm) = self.image_tokens, self.text_tokens
+        return self.head(vt[image_rows], vm[image_rows], tt[text_rows], tm[text_rows])
+
+    def within(self, image_rows: slice, text_rows: slice) -> Match:
+        """The same scorer, its rows placed at these slices of a larger (gathered) batch."""
+        return Match(self.head, self.image_tokens, self.text_tokens, (image_rows, text_rows))
+
+
 def fused_forward(model: nn.Module, pixels: Tensor, tokens: dict[str, Tensor],
                   context: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Embeddings of one batch and the loss context with ``match(image_rows, text_rows)``:
-    the ITM logits of in-batch pairs from token features of this same forward pass."""
+    """Embeddings of one batch and the loss context with ``match``, a :class:`Match` over this
+    same forward pass's token features."""
     img, txt, vt, vm, tt, tm = model(pixels, tokens, with_tokens=True)
-    head = fusion_of(model)
-
-    def match(image_rows: Tensor, text_rows: Tensor) -> Tensor:
-        return head(vt[image_rows], vm[image_rows], tt[text_rows], tm[text_rows])
-
-    return img, txt, {**context, "match": match}
-
-
-#: what ``fused_forward`` adds to a loss context
-Match = Callable[[Tensor, Tensor], Tensor]
+    return img, txt, {**context, "match": Match(fusion_of(model), (vt, vm), (tt, tm))}
 
 
 def _encoder(name: str, options: Any, modality: str) -> nn.Module:

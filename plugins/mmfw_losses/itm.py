@@ -55,9 +55,14 @@ class ITM(nn.Module):
 
     The sampling is done without gradient. The scorer comes from the engine as the
     ``match(image_rows, text_rows) -> logits`` context keyword when ``[model.fusion]`` is set.
+    A scorer with ``rows`` (slices of the image and text batches: under torchrun, this rank's
+    rows of the gathered batch) scores only those, so positives and negatives are drawn among
+    them (ALBEF's per-GPU negatives); the mean over ranks is then the distributed loss, which
+    is what ``distributed.local_loss`` asks of a loss.
     """
 
     Options = ITMOptions
+    supports_local_loss = True
 
     def __init__(self, options: ITMOptions | None = None) -> None:
         super().__init__()
@@ -70,6 +75,11 @@ class ITM(nn.Module):
             raise MmfwError("the itm loss scores pairs with a fusion head: add a [model.fusion] "
                             'section with name = "cross-attention" to the recipe')
         o = self.options
+        rows = getattr(match, "rows", None)
+        if rows is not None:  # the rows the scorer has token features of
+            image, text = image[rows[0]], text[rows[1]]
+            if image_ids is not None and text_ids is not None:
+                image_ids, text_ids = image_ids[rows[0]], text_ids[rows[1]]
         with torch.no_grad():
             v = F.normalize(image.detach().float(), dim=-1)
             t = F.normalize(text.detach().float(), dim=-1)
