@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import record  # benchmarks/record.py
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -150,13 +151,11 @@ def main() -> None:
         raise SystemExit("the 'karpathy' dataset is not installed yet (plugins/mmfw_data): "
                          "nothing to measure")
     workers = a.workers if a.no_workers_0 else [0, *[w for w in a.workers if w]]
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[:3]
+    result: dict[str, Any] = record.new_result(args=vars(a), runs=[])
+    load = result["machine"].get("loadavg", [])
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, load {' '.join(load)}; "
           f"{a.images} images of {a.side} px (noise {a.noise}), 5 captions each (one pair per "
           f"caption), resized to {a.image_size}, batch {a.batch_size}")
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(a),
-                              "torch": torch.__version__, "loadavg": load, "runs": []}
     print(f"{'format':<6} {'data.cache':<10} {'workers':>7} {'setup s':>8} {'1st batch s':>11} "
           + " ".join(f"{f'epoch {e + 1} pairs/s':>17}" for e in range(a.epochs)))
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -185,10 +184,7 @@ def main() -> None:
         c = transfer_ceiling(a.batch_size, a.image_size, w)
         result["transfer_ceiling"][str(w)] = c
         print(f"  workers {w}: " + ", ".join(f"{k} {v:.0f}" for k, v in c.items()))
-    path = Path(a.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    record.write(a.json, result)
 
 
 if __name__ == "__main__":

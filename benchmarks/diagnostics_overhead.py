@@ -1,7 +1,7 @@
 """What the collapse diagnostics cost per training step (not a test).
 
 Builds the engine's ``Trainer`` from a recipe (default: the quickstart) and, in one process,
-times the engine's own step (``_set_lr`` + ``train_step``) and the two diagnostics calls a
+times the engine's own step (``Trainer.run_step``) and the two diagnostics calls a
 diagnostics step adds (``record_gradients`` after backward, ``check``: batch statistics, the
 probe batch embedded in eval mode, one metrics row). The overhead at ``diagnostics.every`` is
 
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import record  # benchmarks/record.py
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,11 +58,9 @@ def main() -> None:
         warmup = 5
         for i in range(warmup + args.steps):
             batch = next(batches)
-            trainer._set_lr()
             t0 = time.perf_counter()
-            _, img, txt = trainer.train_step(batch)
+            _, img, txt, _ = trainer.run_step(batch)
             t1 = time.perf_counter()
-            trainer.step += 1
             if i >= warmup:
                 step_s.append(t1 - t0)
             if i >= warmup and (i - warmup) % max(1, args.steps // args.checks) == 0:
@@ -76,17 +74,15 @@ def main() -> None:
                 trainer.model.train()
     step, grad, check = (statistics.median(x) for x in (step_s, grad_s, check_s))
     result = {
-        "recipe": Path(args.recipe).name, "threads": args.threads,
+        **record.new_result(), "recipe": Path(args.recipe).name, "threads": args.threads,
         "batch_size": recipe.sampler.batch_size, "embed_dim": recipe.model.embed_dim,
         "probe_size": int(diag.probe.image_ids.shape[0]) if diag.probe is not None else 0,
         "every": every, "step_ms": 1e3 * step, "record_gradients_ms": 1e3 * grad,
         "check_ms": 1e3 * check, "overhead_pct": 100 * (grad + check) / every / step,
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        record.write(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ and their 5N captions (image generation is not timed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import record  # benchmarks/record.py
 import torch
 import torch.nn.functional as F
 
@@ -154,13 +154,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[:3]
+    result: dict[str, Any] = record.new_result(args=vars(a), ranking=[], embedding=[])
+    load = result["machine"].get("loadavg", [])
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} threads,"
           f" load {' '.join(load)}")
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(a),
-                              "torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "loadavg": load, "ranking": [], "embedding": []}
     print(f"\nranking: mmfw.evaluation.recall_at_k, random unit embeddings, width {a.dim}")
     print(f"{'images x captions':<20} {'median s':>9} {'min s':>8} {'matmul':>8} {'topk i2t':>9} "
           f"{'topk t2i':>9} {'full sort':>10}  same metrics")
@@ -186,10 +183,7 @@ def main() -> None:
             print(f"{label:<20} {e['median_s']:>9.2f} "
                   f"{e['images_plus_captions_per_s']:>9.0f} {e['ranking_median_s']:>8.3f}   "
                   + ", ".join(f"{k} {v:.2f}" for k, v in e["parts_s"].items()))
-    path = Path(a.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    record.write(a.json, result)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ background load hits both alike. Peak memory is measured per side in a fresh sub
 
 mmfw side: the model comes from a recipe dict through ``mmfw.engine.Trainer`` (scratch-vision,
 scratch-text, linear adapters, infonce, the engine's AdamW) and each step is the engine's own
-``Trainer._set_lr`` + ``Trainer.train_step``. open_clip side: ``open_clip.CLIP`` with matching
+``Trainer.run_step``. open_clip side: ``open_clip.CLIP`` with matching
 ``CLIPVisionCfg`` / ``CLIPTextCfg``, ``open_clip.loss.ClipLoss``, AdamW with open_clip_train's
 parameter groups, and open_clip_train's step (``train_one_epoch``, accum_freq 1): scheduler,
 zero_grad, autocast forward + loss, backward, optimizer step, logit-scale clamp.
@@ -25,11 +25,9 @@ is measured against shipped mmfw under the same load.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib.util
 import json
 import math
-import os
-import platform
 import random
 import statistics
 import subprocess
@@ -41,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import record  # benchmarks/record.py
 import torch
 import torch.nn.functional as F
 
@@ -153,12 +152,7 @@ class MmfwSide:
                         zip(r.pixels, tokens, r.image_ids, r.text_ids, strict=True)]
 
     def run_step(self, k: int, clock: PhaseClock | None = None) -> None:
-        t = self.trainer
-        t._set_lr()
-        if clock is not None:
-            clock.mark("lr")
-        t.train_step(self.batches[k])
-        t.step += 1
+        self.trainer.run_step(self.batches[k])
 
     def param_counts(self) -> dict[str, int]:
         m = self.trainer.model
@@ -591,23 +585,6 @@ def _fmt_ms(v: float | None) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    info = {"cpu": cpu, "nproc": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
-    with contextlib.suppress(Exception):
-        import open_clip
-
-        info["open_clip"] = open_clip.__version__
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    with contextlib.suppress(OSError), open("/proc/loadavg") as f:
-        info["loadavg"] = f.read().split()[:3]
-    return info
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -661,6 +638,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
+    if importlib.util.find_spec("open_clip") is None or \
+            importlib.util.find_spec("open_clip_train") is None:
+        raise SystemExit("the peer is not installed: pip install -e \".[bench]\" "
+                         "(open-clip-torch, with open_clip and open_clip_train)")
     device = torch.device(a.device)
     names = ["mmfw", "open_clip"] + (["mmfw+" + "+".join(a.variant)] if a.variant else [])
     with tempfile.TemporaryDirectory() as tmp:
@@ -672,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in names[1:]:
             sides[name] = build_side(a, name, str(Path(tmp) / name.replace("+", "_")), r)
         setup_s = time.perf_counter() - t0
-        info = machine()
+        info = record.machine()
         params = {name: side.param_counts() for name, side in sides.items()}
         print(f"machine: {info['cpu']}, {info['nproc']} cores, torch {info['torch']}, "
               f"open_clip {info.get('open_clip')}, threads {torch.get_num_threads()}, "
@@ -687,7 +668,7 @@ def main(argv: list[str] | None = None) -> None:
         for v in a.variant:
             print(f"variant {v}: {VARIANTS[v]}")
         result: dict[str, Any] = {
-            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": info, "args": vars(a),
+            **record.new_result(), "machine": info, "args": vars(a),
             "model": asdict(shape_of(a)), "params": params,
             "tokens_per_caption": {"real": r.mean_tokens, "context": a.context_length,
                                    "longest_in_batch": r.mean_longest},
@@ -703,12 +684,9 @@ def main(argv: list[str] | None = None) -> None:
                 torch.save(r, data_file)
                 result["memory"] = measure_memory(argv, names, data_file)
             report(a, result)
-    path = Path(a.json or HERE / "results" / (
+    record.write(a.json or HERE / "results" / (
         f"train_throughput_{a.device}_{a.precision}{'_profile' if a.profile else ''}"
-        f"{''.join('_' + v for v in a.variant)}.json"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {path}")
+        f"{''.join('_' + v for v in a.variant)}.json"), result)
 
 
 def summarise(rates: dict[str, list[float]]) -> dict[str, Any]:

@@ -226,3 +226,31 @@ def test_resume_may_change_retention(tmp_path, write_recipe) -> None:
                  "run.keep_last=5", "--set", "run.checkpoint_every=2")
     assert result.exit_code == 0, result.output
     assert _steps(tmp_path / "runs" / "ret") == [5, 6, 8, 9]
+
+
+# driving the loop from outside ----------------------------------------------------------------
+
+def test_run_step_is_the_step_fit_takes(tmp_path) -> None:
+    """A loop of ``Trainer.run_step`` over the loader ends at the weights ``fit`` ends at
+    (fit adds only logging, diagnostics, evaluation and checkpoints), through the schedule."""
+    fitted = _train(tmp_path, "fit")
+    recipe = mmfw.load_recipe(tiny_recipe(tmp_path / "runs", name="loop"))
+    trainer = Trainer(recipe, **QUIET)
+    trainer.model.train()
+    lrs = []
+    for epoch in range(recipe.run.epochs):
+        trainer.sampler.set_epoch(epoch)
+        for batch in trainer.loader:
+            step = trainer.run_step(batch)
+            lrs.append(step.lr)
+            assert step.image.shape[1] == step.text.shape[1] == recipe.model.embed_dim
+            assert math.isfinite(float(step.output.loss.detach()))
+    assert trainer.step == fitted.steps == len(lrs)
+    logged = {r["step"]: r["lr"] for r in _rows(fitted.run_dir)}
+    assert all(lrs[s - 1] == pytest.approx(lr) for s, lr in logged.items())
+    want = load_file(str(fitted.run_dir / "checkpoints" / f"step-{fitted.steps:08d}.safetensors"))
+    got = {**{"model." + k: v for k, v in trainer.model.state_dict().items()},
+           **{"loss." + k: v for k, v in trainer.loss_module.state_dict().items()}}
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import torch
@@ -56,6 +56,16 @@ class RunResult:
     stopped_by: str  # "epochs", "max_steps", "max_minutes", "collapse", "early_stopping",
     #                  or "ensemble" (then ``members`` holds each seed's result)
     members: tuple[RunResult, ...] = ()
+
+
+class Step(NamedTuple):
+    """What :meth:`Trainer.run_step` gives back: the loss output, the batch's embeddings
+    (detached) and the learning rate the step ran at."""
+
+    output: Any
+    image: torch.Tensor
+    text: torch.Tensor
+    lr: float
 
 
 def run_dir_of(recipe: Recipe) -> Path:
@@ -648,9 +658,7 @@ class Trainer:
         while stop is None and self.epoch < r.epochs:
             self.sampler.set_epoch(self.epoch)
             for batch in self.loader:
-                lr = self._set_lr()
-                out, img, txt = self._guarded_step(batch)
-                self.step += 1
+                out, img, txt, lr = self.run_step(batch)
                 n_log += len(batch) * self.world.world_size  # samples/s of the global batch
                 if self.step % r.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
@@ -689,6 +697,15 @@ class Trainer:
             bar.close()
         self.save()
         return "epochs" if self.epoch >= r.epochs else stop or "epochs"
+
+    def run_step(self, batch: Any) -> Step:
+        """One optimizer step on ``batch`` as ``fit`` takes it: the current step's stage plan
+        and LR, forward, backward, update; then ``step`` advances. For code that drives the
+        training loop itself (benchmarks, notebooks); logging and evaluation stay in ``fit``."""
+        lr = self._set_lr()
+        out, img, txt = self._guarded_step(batch)
+        self.step += 1
+        return Step(out, img, txt, lr)
 
     def _guarded_step(self, batch: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
         try:
