@@ -413,3 +413,20 @@ def test_torchrun_trains_fusion_and_reranks(tmp_path: Path) -> None:
     assert train and all(math.isfinite(r["loss/itm"]) for r in train)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert mmfw.evaluate(run_dir) == pytest.approx(metrics)
+
+
+def test_a_recipe_mistake_under_torchrun_is_reported_once(tmp_path: Path) -> None:
+    """Every rank reads the same recipe; rank 0 alone says what is wrong, every rank exits 2."""
+    data = tiny_recipe(tmp_path / "runs", name="typo")
+    data["loss"] = {"name": "infonc"}
+    recipe = tmp_path / "typo.toml"
+    recipe.write_text(tomli_w.dumps(data), encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "mmfw", "run", str(recipe)],
+        cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120,
+        check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
+    assert "'infonc'" in proc.stderr and "infonce" in proc.stderr  # the close match
+    assert "exitcode  : 2" in proc.stderr  # torchrun's summary: the user-error exit code

@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from .errors import MmfwError
+from .distributed import world_from_env
+from .errors import MmfwError, PluginError, RecipeError
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -20,7 +21,11 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except MmfwError as err:
-            click.secho(f"error: {err}", fg="red", err=True)
+            rank = world_from_env().rank
+            if rank == 0:
+                click.secho(f"error: {err}", fg="red", err=True)
+            elif not isinstance(err, (RecipeError, PluginError)):  # those, rank 0 has said
+                click.secho(f"error (rank {rank}): {err}", fg="red", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.secho("interrupted", fg="yellow", err=True)
