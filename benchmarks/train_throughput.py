@@ -78,6 +78,8 @@ VARIANTS = {
     "channels-last": "patch-embedding conv and pixels in channels_last",
     "sdpa-auto": "the cpu backend's sdpa = \"auto\": torch's own attention kernel under bf16 "
                  "(flash), as before the backend chose the math kernel (bf16 only)",
+    "padded": "scratch-text's unpad = false: norms, projections and MLP on every position, "
+              "padding included (as open_clip and mmfw before unpadding compute them)",
 }
 # Measured here, now in the plugins: text-attn (scratch-text's layers with timm's attention
 # layout, mmfw_encoders/attention.py) and math-sdpa (SDPA's math kernel in the cpu backend's
@@ -107,7 +109,8 @@ def mmfw_recipe(a: argparse.Namespace, out_dir: str, variants: tuple[str, ...] =
                        "heads": s.heads, "mlp_ratio": s.mlp_ratio, "pooling": "mean"},
             "text": {"name": "scratch-text", "vocab_size": s.vocab_size,
                      "max_length": s.context_length, "width": s.width, "depth": s.text_depth,
-                     "heads": s.heads, "mlp_ratio": s.mlp_ratio, "pooling": "mean"},
+                     "heads": s.heads, "mlp_ratio": s.mlp_ratio, "pooling": "mean",
+                     "unpad": "padded" not in variants},
             "adapter": {"name": "linear"},
         },
         "loss": {"name": "infonce", "temperature": 0.07, "learn_temperature": True},

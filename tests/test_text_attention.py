@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import attrs
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,6 +172,42 @@ def test_encoder_forward_post_norm_relu_and_final_norm(norm_first: bool) -> None
     (gx_ref,) = torch.autograd.grad(ref[mask].square().sum(), x)
     torch.testing.assert_close(new[mask], ref[mask], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx_new, gx_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("train", [False, True])
+def test_unpadding_is_exact_and_runs_the_per_token_work_on_real_tokens(pooling: str,
+                                                                       train: bool) -> None:
+    """``unpad`` (the default) against the padded computation of the same module: the same
+    real-token features, pooled embeddings and gradients; the MLP sees only the real tokens
+    (zeros stand at the padding of the token features)."""
+    packed = _encoder(pooling).train(train)
+    padded = _encoder(pooling).train(train)
+    padded.options = attrs.evolve(padded.options, unpad=False)
+    assert packed.options.unpad
+    tokens = _tokens([8, 5, 2, 7, 1, 3], length=10)
+    mask = tokens["attention_mask"]
+    rows = []
+    hook = packed.layers.layers[0].linear1.register_forward_hook(
+        lambda _m, args, _out: rows.append(args[0].shape[0]))
+    head = torch.randn(WIDTH, 3, generator=torch.Generator().manual_seed(2))
+    outs, grads = [], []
+    for enc in (packed, padded):
+        x, m = enc.forward_tokens(tokens)
+        pooled = enc.pool_tokens(x, m)
+        (pooled @ head).square().sum().backward()
+        outs.append((x, pooled))
+        grads.append(_grads(enc))
+    hook.remove()
+    assert rows == [int(mask.sum())]  # 26 real tokens of 60 positions
+    (xp, pp), (xr, pr) = outs
+    torch.testing.assert_close(xp[mask], xr[mask], rtol=1e-5, atol=1e-5)
+    assert torch.equal(xp[~mask], torch.zeros_like(xp[~mask]))
+    torch.testing.assert_close(pp, pr, rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[1].items():
+        scale = g.abs().max().item()
+        torch.testing.assert_close(grads[0][name], g, rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
 def test_check_layer_rejects_sequence_first_layers() -> None:

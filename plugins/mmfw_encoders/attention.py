@@ -9,9 +9,18 @@ parameters (state dicts and checkpoints are unchanged) the way timm's ViT attent
 in-projection, a reshape/permute view, ``F.scaled_dot_product_attention`` with a boolean
 ``[B, 1, 1, L]`` mask, the out-projection, then the layer's MLP, norms and dropouts in
 ``nn.TransformerEncoderLayer.forward``'s order.
+
+Packed (``Packed``): the per-token work (norms, projections, MLP: most of a small text
+transformer's multiply-adds) runs on the real tokens only, gathered from the padded batch;
+only the attention itself runs on the padded ``[B, L]`` layout, padding masked as keys. The
+real tokens' outputs are those of the padded computation (padding never reaches them), so
+this is exact, and a batch of short captions padded to a long context costs what its tokens
+cost (BERT "unpadding", as NVIDIA's and MosaicBERT's trainers do).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,11 +47,52 @@ def attention(attn: nn.MultiheadAttention, x: Tensor, keep: Tensor) -> Tensor:
     return attn.out_proj(y.transpose(1, 2).reshape(b, n, w))
 
 
-def encoder_layer_forward(layer: nn.TransformerEncoderLayer, x: Tensor, keep: Tensor) -> Tensor:
+class Packed(NamedTuple):
+    """Where the real tokens of a padded ``[B, L]`` batch sit: ``rows`` index the flattened
+    ``B * L`` positions (the mask's true ones, in order), ``keep`` is the ``[B, 1, 1, L]``
+    key mask."""
+
+    rows: Tensor
+    keep: Tensor
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, mask: Tensor) -> Packed:
+        return cls(mask.reshape(-1).nonzero().squeeze(1), mask[:, None, None, :], *mask.shape)
+
+    def pack(self, x: Tensor) -> Tensor:
+        """``[B, L, ...]`` -> ``[N, ...]``: the real tokens' rows."""
+        return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.rows)
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """``[N, ...]`` -> ``[B, L, ...]``, zeros at the padding."""
+        full = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.rows, x)
+        return full.view(self.batch, self.length, *x.shape[1:])
+
+
+def packed_attention(attn: nn.MultiheadAttention, x: Tensor, packed: Packed) -> Tensor:
+    """:func:`attention` of packed tokens ``x`` ``[N, W]``: the projections run on the real
+    tokens only; the attention itself on the padded layout, padding masked as keys."""
+    qkv = packed.unpack(F.linear(x, attn.in_proj_weight, attn.in_proj_bias))
+    b, n, w3 = qkv.shape
+    h, w = attn.num_heads, w3 // 3
+    q, k, v = qkv.view(b, n, 3, h, w // h).permute(2, 0, 3, 1, 4).unbind(0)
+    p = attn.dropout if attn.training else 0.0
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=packed.keep, dropout_p=p)
+    return attn.out_proj(packed.pack(y.transpose(1, 2)).reshape(-1, w))
+
+
+def encoder_layer_forward(layer: nn.TransformerEncoderLayer, x: Tensor,
+                          keep: Tensor | Packed) -> Tensor:
     """``layer(x, src_key_padding_mask=~keep)`` for batch-first ``x`` ``[B, L, W]``; ``keep``
-    is bool ``[B, 1, 1, L]``. Pre-norm (``norm_first``) and post-norm layers alike."""
+    is bool ``[B, 1, 1, L]``. Pre-norm (``norm_first``) and post-norm layers alike. With
+    ``keep`` a :class:`Packed`, ``x`` is the real tokens ``[N, W]`` (norms and MLP are
+    per token, so they run on those alone)."""
 
     def sa(y: Tensor) -> Tensor:
+        if isinstance(keep, Packed):
+            return layer.dropout1(packed_attention(layer.self_attn, y, keep))
         return layer.dropout1(attention(layer.self_attn, y, keep))
 
     def ff(y: Tensor) -> Tensor:
@@ -62,14 +112,16 @@ class EncoderLayer(nn.TransformerEncoderLayer):
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None,
                 src_key_padding_mask: Tensor | None = None, is_causal: bool = False, *,
-                keep: Tensor | None = None) -> Tensor:
+                keep: Tensor | Packed | None = None) -> Tensor:
         if keep is None:
             return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         return encoder_layer_forward(self, src, keep)
 
 
-def encoder_forward(encoder: nn.TransformerEncoder, x: Tensor, keep: Tensor) -> Tensor:
-    """``encoder(x, src_key_padding_mask=~keep[:, 0, 0])`` through ``encoder_layer_forward``."""
+def encoder_forward(encoder: nn.TransformerEncoder, x: Tensor, keep: Tensor | Packed
+                    ) -> Tensor:
+    """``encoder(x, src_key_padding_mask=~keep[:, 0, 0])`` through ``encoder_layer_forward``
+    (``x`` packed ``[N, W]`` when ``keep`` is a :class:`Packed`)."""
     for layer in encoder.layers:
         x = (layer(x, keep=keep) if isinstance(layer, EncoderLayer)
              else encoder_layer_forward(layer, x, keep))

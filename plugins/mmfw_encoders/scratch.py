@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from mmfw.options import option
 
-from .attention import EncoderLayer, check_layer, encoder_forward
+from .attention import EncoderLayer, Packed, check_layer, encoder_forward
 from .groups import ordered, timm_groups
 from .images import normalise, to_tensor
 
@@ -98,6 +98,8 @@ class ScratchTextOptions:
     dropout: float = option(0.0, doc="dropout in the transformer layers",
                             validator=[attrs.validators.ge(0), attrs.validators.lt(1)])
     pooling: Literal["mean", "cls"] = option("mean", doc="mean of tokens or the [CLS] token")
+    unpad: bool = option(True, doc="norms, projections and MLP on the real tokens only "
+                         "(exact; padding costs nothing but in attention)")
 
     def __attrs_post_init__(self) -> None:
         if self.width % self.heads:
@@ -198,6 +200,10 @@ class ScratchText(nn.Module):
     def forward_tokens(self, tokens: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Normalised token features ``[B, L, width]`` and the attention mask ``[B, L]``."""
         ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()
+        if self.options.unpad:  # embed and run only the real tokens (one host sync: nonzero)
+            packed = Packed.of(mask)
+            x = self.embed(packed.pack(ids)) + self.pos[packed.rows % packed.length]
+            return packed.unpack(self.norm(encoder_forward(self.layers, x, packed))), mask
         x = self.embed(ids) + self.pos[: ids.shape[1]]
         return self.norm(encoder_forward(self.layers, x, mask[:, None, None, :])), mask
 
