@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import tempfile
@@ -65,12 +66,12 @@ def write_karpathy(root: Path, n: int, side: int, fmt: str, noise: float) -> Pat
 
 
 def recipe(a: argparse.Namespace, ann: Path, images: Path, workers: int, cache: str,
-           out: Path) -> dict[str, Any]:
+           out: Path, uint8: bool = True) -> dict[str, Any]:
     return {
         "run": {"name": "data", "output_dir": str(out), "progress": False},
         "backend": {"name": "cpu", "threads": a.threads},
         "data": {"dataset": "karpathy", "annotations": str(ann), "images": str(images),
-                 "num_workers": workers, "cache": cache},
+                 "num_workers": workers, "cache": cache, "uint8": uint8},
         "sampler": {"name": "random", "batch_size": a.batch_size, "drop_last": False},
         "model": {"embed_dim": 128,
                   "vision": {"name": "scratch-vision", "image_size": a.image_size,
@@ -81,9 +82,9 @@ def recipe(a: argparse.Namespace, ann: Path, images: Path, workers: int, cache: 
 
 
 def run(a: argparse.Namespace, ann: Path, images: Path, workers: int, cache: str,
-        out: Path) -> dict[str, Any]:
+        out: Path, uint8: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
-    trainer = Trainer(mmfw.load_recipe(recipe(a, ann, images, workers, cache, out)),
+    trainer = Trainer(mmfw.load_recipe(recipe(a, ann, images, workers, cache, out, uint8)),
                       overwrite=True, console=lambda _msg: None)
     setup_s = time.perf_counter() - t0  # annotation read, image scan, tokenizer, model
     epoch_s, first_batch_s, n = [], 0.0, 0
@@ -94,6 +95,7 @@ def run(a: argparse.Namespace, ann: Path, images: Path, workers: int, cache: str
         for k, batch in enumerate(trainer.loader):
             if k == 0 and epoch == 0:
                 first_batch_s = time.perf_counter() - t0
+            trainer.model.prepare_pixels(batch.pixels)  # uint8: normalised as a step does
             n += len(batch)
         epoch_s.append(time.perf_counter() - t0)
     del trainer
@@ -140,6 +142,10 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", choices=tuple(EXT), default=["jpeg", "png"])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--uint8", nargs="+", type=lambda v: v.lower() in ("1", "true", "on"),
+                    default=[True, False], metavar="BOOL",
+                    help="data.uint8 values to measure (true: uint8 hand-over, normalised "
+                         "after the loader; false: float32 from the workers)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
     ap.add_argument("--json", default=str(HERE / "results" / "data_throughput.json"))
@@ -156,7 +162,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, load {' '.join(load)}; "
           f"{a.images} images of {a.side} px (noise {a.noise}), 5 captions each (one pair per "
           f"caption), resized to {a.image_size}, batch {a.batch_size}")
-    print(f"{'format':<6} {'data.cache':<10} {'workers':>7} {'setup s':>8} {'1st batch s':>11} "
+    print(f"{'format':<6} {'data.cache':<10} {'data.uint8':<10} {'workers':>7} {'setup s':>8} "
+          f"{'1st batch s':>11} "
           + " ".join(f"{f'epoch {e + 1} pairs/s':>17}" for e in range(a.epochs)))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -167,16 +174,15 @@ def main() -> None:
             size = sum(p.stat().st_size for p in (root / "images").iterdir())
             print(f"# {fmt}: wrote {a.images} files, {size / 2**20:.1f} MiB "
                   f"({time.perf_counter() - t0:.1f}s)")
-            for cached in (False, True):
-                for w in workers:
-                    name = f"{fmt}-{'cache' if cached else 'nocache'}-{w}"
-                    cache = str(tmp / "cache" / name) if cached else ""  # a fresh cache each
-                    r = run(a, ann, root / "images", w, cache, tmp / "runs" / name)
-                    r.update(format=fmt, cache=cached, workers=w, bytes=size)
-                    result["runs"].append(r)
-                    print(f"{fmt:<6} {'on' if cached else 'off':<10} {w:>7} "
-                          f"{r['setup_s']:>8.1f} {r['first_batch_s']:>11.2f} "
-                          + " ".join(f"{v:>17.0f}" for v in r["pairs_per_s"]))
+            for cached, w, uint8 in itertools.product((False, True), workers, a.uint8):
+                name = f"{fmt}-{'cache' if cached else 'nocache'}-{w}-{'u8' if uint8 else 'f32'}"
+                cache = str(tmp / "cache" / name) if cached else ""  # a fresh cache each
+                r = run(a, ann, root / "images", w, cache, tmp / "runs" / name, uint8)
+                r.update(format=fmt, cache=cached, workers=w, uint8=uint8, bytes=size)
+                result["runs"].append(r)
+                print(f"{fmt:<6} {'on' if cached else 'off':<10} {str(uint8).lower():<10} "
+                      f"{w:>7} {r['setup_s']:>8.1f} {r['first_batch_s']:>11.2f} "
+                      + " ".join(f"{v:>17.0f}" for v in r["pairs_per_s"]))
     print(f"\nceiling from moving ready batches [{a.batch_size}, 3, {a.image_size}, "
           f"{a.image_size}] out of the loader (images/s):")
     result["transfer_ceiling"] = {}

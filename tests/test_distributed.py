@@ -376,8 +376,8 @@ def test_fusion_under_ddp_scores_each_ranks_own_pairs(tmp_path: Path) -> None:
     ranks = [torch.load(tmp_path / f"fusion-rank{r}.pt") for r in range(2)]
 
     one = Trainer(mmfw.load_recipe(_engine_recipe(tmp_path, "fusion-one", **sections)))
-    halves = [fused_forward(one.model, r["batch"]["pixels"], r["batch"]["tokens"], {})
-              for r in ranks]
+    halves = [fused_forward(one.model, one.model.prepare_pixels(r["batch"]["pixels"]),
+                            r["batch"]["tokens"], {}) for r in ranks]
     img = torch.cat([h[0] for h in halves])
     txt = torch.cat([h[1] for h in halves])
     iid = torch.cat([r["batch"]["image_ids"] for r in ranks])

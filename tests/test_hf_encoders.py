@@ -306,6 +306,28 @@ def test_preprocess_any_pil_image(vision_encoders, image):
         assert torch.isfinite(x).all()
 
 
+@settings(max_examples=30)
+@given(image=images)
+def test_uint8_hand_over_gives_the_same_pixels(vision_encoders, image):
+    """``data.uint8``: the loader's ``preprocess_uint8`` (resize/crop, bytes) and ``normalize``
+    on the batch later give ``preprocess``'s pixels, for PIL images of any mode and size, and
+    for uint8 tensors (the image cache hands those out at the input size). timm resizes a
+    tensor in uint8 there, where ``preprocess`` resizes in float: a grey level of rounding,
+    and the bicubic overshoot clipped (large on these noise images, rare on photos)."""
+    scratch = mmfw.create("encoder", "scratch-vision", image_size=32, patch_size=8, width=16,
+                          depth=1, heads=2)
+    for enc in [*vision_encoders, scratch]:
+        small = enc.preprocess_uint8(image)
+        assert small.dtype == torch.uint8 and small.shape == enc.preprocess(image).shape
+        torch.testing.assert_close(enc.normalize(small[None])[0], enc.preprocess(image),
+                                   rtol=0, atol=1e-6)
+        again, want = enc.normalize(enc.preprocess_uint8(small)[None])[0], enc.preprocess(small)
+        if enc.__class__.__name__ == "TimmVision":
+            assert (again - want).abs().mean() < 0.05
+        else:
+            torch.testing.assert_close(again, want, rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------
 # timm-vision
 

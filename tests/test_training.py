@@ -254,3 +254,41 @@ def test_run_step_is_the_step_fit_takes(tmp_path) -> None:
     assert got.keys() == want.keys()
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
+def test_uint8_hand_over_trains_like_float_pixels(tmp_path) -> None:
+    """data.uint8 (default): the loader's batches hold uint8 pixels, normalised in the step on
+    the device; a run ends at the weights of the float32 hand-over (data.uint8 = false)."""
+    runs = {}
+    for uint8 in (True, False):
+        recipe = mmfw.load_recipe(tiny_recipe(tmp_path / "runs", name=f"u{int(uint8)}",
+                                              data={"uint8": uint8}, run={"epochs": 1}))
+        trainer = Trainer(recipe, **QUIET)
+        batch = next(iter(trainer.loader))
+        assert batch.pixels.dtype == (torch.uint8 if uint8 else torch.float32)
+        trainer.fit()
+        runs[uint8] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for k, v in runs[False].items():
+        torch.testing.assert_close(runs[True][k], v, rtol=0, atol=0, msg=k)
+
+
+def test_encoders_without_a_uint8_path_hand_over_float() -> None:
+    from mmfw.datasource import pixel_preprocess
+
+    class Plain:
+        def preprocess(self, image):
+            return torch.zeros(3, 4, 4)
+
+    class Partial(Plain):
+        def preprocess_uint8(self, image):
+            raise NotImplementedError
+
+        def normalize(self, pixels):
+            return pixels.float()
+
+    for enc in (Plain(), Partial()):
+        assert pixel_preprocess(enc, True) == enc.preprocess
+    full = mmfw.create("encoder", "scratch-vision", image_size=16, patch_size=8, width=16,
+                       depth=1, heads=2)
+    assert pixel_preprocess(full, True) == full.preprocess_uint8
+    assert pixel_preprocess(full, False) == full.preprocess

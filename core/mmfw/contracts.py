@@ -58,6 +58,13 @@ class Encoder(Protocol):
     Optional: ``prepare(train_texts)`` (fit a tokenizer before training), ``save_assets(dir)`` /
     ``load_assets(dir)`` (files such as a tokenizer that live in the run directory).
 
+    Optional (``data.uint8``): ``preprocess_uint8(image) -> uint8 Tensor[3, H, W]`` (the
+    resizing and cropping of ``preprocess``) and ``normalize(pixels uint8 [B, 3, H, W]) ->
+    float`` (the rest, on whatever device the batch is on), with ``normalize(
+    preprocess_uint8(x)[None])[0] == preprocess(x)``: the loader then hands out bytes and the
+    engine normalises on the device. ``preprocess_uint8`` may raise ``NotImplementedError``
+    (a configuration it cannot split): the loader falls back to ``preprocess``.
+
     Optional: ``named_groups() -> dict[str, list[str]]``: parameter names (as in
     ``named_parameters()`` of the encoder) by group, ordered from input to output:
     ``"embeddings"``, ``"layers.0"`` ... ``"layers.N-1"``, ``"head"`` (final norm / pooler).

@@ -308,7 +308,7 @@ class TrainingData:
         if a.images_on or a.text_on:
             augment = TrainAugment(a, size or (0, 0))
             augment.prepare(self.pairs.texts())
-        collate = Collate(model.vision.preprocess, model.text.tokenize,
+        collate = Collate(pixel_preprocess(model.vision, d.uint8), model.text.tokenize,
                           None if self.stream is not None else sampler.match_ids, augment)
         workers = d.num_workers
         if self.stream is not None:
@@ -320,3 +320,16 @@ class TrainingData:
                                 num_workers=workers, persistent_workers=workers > 0,
                                 pin_memory=pin_memory)
         return TrainLoader(loader, self.policy, d.train_split)
+
+
+def pixel_preprocess(vision: Any, uint8: bool) -> Any:
+    """The vision encoder's ``preprocess_uint8`` (uint8 out; ``normalize`` on the device then
+    finishes it) where it has one and ``data.uint8`` asks for it, else ``preprocess``."""
+    fn = getattr(vision, "preprocess_uint8", None)
+    if not (uint8 and callable(fn) and callable(getattr(vision, "normalize", None))):
+        return vision.preprocess
+    try:  # a plugin may have the method but not for every configuration of its model
+        fn(torch.zeros(3, 8, 8, dtype=torch.uint8))
+    except NotImplementedError:
+        return vision.preprocess
+    return fn

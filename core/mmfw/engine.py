@@ -515,6 +515,7 @@ class Trainer:
 
     def train_step(self, batch: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
         batch = batch.to(self.device)
+        batch.pixels = self.model.prepare_pixels(batch.pixels)  # uint8 from the loader
         teacher_inputs = getattr(batch, "teacher", None)  # the teacher's own view, pre-mixing
         batch = self.mixer(batch, self.step)  # MixUp/CutMix (data.augment)
         context = self._loss_context(batch, teacher_inputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .contracts import asset_dir
@@ -30,6 +31,13 @@ class DualEncoder(nn.Module):
     @property
     def embed_dim(self) -> int:
         return int(self.vision_adapter.out_dim)
+
+    def prepare_pixels(self, pixels: Tensor) -> Tensor:
+        """Float pixels for the vision encoder: a uint8 batch from the loader (``data.uint8``)
+        is normalised by the encoder's ``normalize`` where it now lies (the device)."""
+        if pixels.dtype == torch.uint8:
+            return self.vision.normalize(pixels)
+        return pixels
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         return self.vision_adapter(self.vision(pixels))

@@ -199,6 +199,10 @@ class DataConfig:
                         "again ('': off; for datasets that fit on disk)")
     augment: AugmentConfig = option(AugmentConfig(), doc="[data.augment]: training-time "
                                     "augmentation (see below)")
+    uint8: bool = option(True, doc="the loader hands out images as uint8 and the vision "
+                         "encoder's normalize() runs on the device: a quarter of the bytes "
+                         "between worker processes and to the GPU (encoders without "
+                         "preprocess_uint8/normalize hand out float32)")
 
 
 @attrs.frozen
@@ -360,6 +364,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise RecipeError(f"not UTF-8 text: {err}", file=str(p)) from None
 
 
+def _core_keys(config: type) -> tuple[str, ...]:
+    """The keys of a plugin section that belong to the core's config class, not the plugin."""
+    return tuple(f.name for f in attrs.fields(config) if f.name not in ("dataset", "plugin"))
+
+
 def load_recipe(path: str | Path | Mapping[str, Any], overrides: Iterable[str] = ()) -> Recipe:
     """Read, override and validate a recipe (a TOML path or an already-parsed dict)."""
     if isinstance(path, Mapping):
@@ -474,11 +483,8 @@ def from_dict(data: Mapping[str, Any], file: str | None = None) -> Recipe:
         raise RecipeError("missing section [data]", key="data",
                           expected='[data] with dataset = an installed dataset, e.g. "synthetic"')
 
-    dataset, data_core = _plugin("data", _table(data, "data"),
-                                 ("num_workers", "train_split", "on_bad", "check", "cache",
-                                  "augment"))
-    sampler, sampler_core = _plugin("sampler", _table(data, "sampler"),
-                                    ("batch_size", "drop_last"))
+    dataset, data_core = _plugin("data", _table(data, "data"), _core_keys(DataConfig))
+    sampler, sampler_core = _plugin("sampler", _table(data, "sampler"), _core_keys(SamplerConfig))
     vision, _ = _plugin("model.vision", dict(model["vision"]))
     text, _ = _plugin("model.text", dict(model["text"]))
     adapter, _ = _plugin("model.adapter", dict(model.get("adapter", {})))

@@ -136,6 +136,12 @@ class HFVision(nn.Module):
     def preprocess(self, image: Image.Image | Tensor) -> Tensor:
         return self.pipeline(image)
 
+    def preprocess_uint8(self, image: Image.Image | Tensor) -> Tensor:
+        return self.pipeline.geometry(image)
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        return self.pipeline.finish(pixels)
+
     def forward(self, pixels: Tensor) -> Tensor:
         out = self.model(pixel_values=pixels)
         if self.options.pooling == "pooler":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import attrs
@@ -27,11 +28,24 @@ def to_tensor(image: Image.Image | Tensor, size: int | tuple[int, int] | None) -
     return image
 
 
-def normalise(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    x = image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
-    m = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+def normalise(image: Tensor, mean: Sequence[float], std: Sequence[float],
+              rescale: float = 1 / 255) -> Tensor:
+    """``(image * rescale - mean) / std`` in float32 (uint8 is rescaled, float taken as it is),
+    for one ``[3, H, W]`` image or a ``[B, 3, H, W]`` batch, on the image's device."""
+    x = image.float()
+    if image.dtype == torch.uint8:
+        x = x.div_(255.0) if rescale == 1 / 255 else x.mul_(rescale)
+    m, s = _stats(tuple(mean), tuple(std), x.device, x.dtype)
     return x.sub_(m).div_(s)
+
+
+@functools.lru_cache(maxsize=64)
+def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+           dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Mean and std as ``[C, 1, 1]`` tensors on ``device``, made once: a training step on a
+    GPU then copies nothing to it for normalising."""
+    return (torch.tensor(mean, dtype=dtype, device=device).view(-1, 1, 1),
+            torch.tensor(std, dtype=dtype, device=device).view(-1, 1, 1))
 
 
 def rgb_tensor(image: Image.Image | Tensor) -> Tensor:
@@ -73,6 +87,16 @@ class Pipeline:
         return self.crop or self.size
 
     def __call__(self, image: Image.Image | Tensor) -> Tensor:
+        return self.finish(self.geometry(image))
+
+    def finish(self, x: Tensor) -> Tensor:
+        """Rescale and normalise ``geometry``'s output (one image or a batch, any device)."""
+        if not self.normalize:
+            return x.float() * self.rescale if x.dtype == torch.uint8 else x.float()
+        return normalise(x, self.mean, self.std, self.rescale)
+
+    def geometry(self, image: Image.Image | Tensor) -> Tensor:
+        """Resize and crop: a uint8 ``[3, H, W]`` tensor from a PIL image or a uint8 tensor."""
         x = rgb_tensor(image)
         mode = _INTERPOLATION.get(int(self.resample), InterpolationMode.BICUBIC)
         if self.shortest:
@@ -85,9 +109,4 @@ class Pipeline:
             x = TF.resize(x, hw, interpolation=mode, antialias=True)
         if self.crop is not None and tuple(x.shape[-2:]) != self.crop:
             x = TF.center_crop(x, list(self.crop))
-        x = x.float() * self.rescale if x.dtype == torch.uint8 else x.float()
-        if self.normalize:
-            m = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
-            s_ = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
-            x = (x - m) / s_
         return x

@@ -65,7 +65,13 @@ class ScratchVision(nn.Module):
         self.dim = int(self.model.num_features)
 
     def preprocess(self, image: Image.Image | Tensor) -> Tensor:
-        return normalise(to_tensor(image, self.options.image_size), self.mean, self.std)
+        return self.normalize(self.preprocess_uint8(image))
+
+    def preprocess_uint8(self, image: Image.Image | Tensor) -> Tensor:
+        return to_tensor(image, self.options.image_size)
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        return normalise(pixels, self.mean, self.std)
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.model(pixels)

@@ -19,13 +19,15 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
+from torchvision.transforms import Compose, Normalize
+from torchvision.transforms.functional import pil_to_tensor
 
 from mmfw.errors import PluginError
 from mmfw.options import close_matches, option
 
 from . import hub
 from .groups import timm_groups
-from .images import rgb_tensor
+from .images import normalise, rgb_tensor
 
 #: timm's ``global_pool`` for each pooling name ('default': the architecture's own)
 _GLOBAL_POOL = {"cls": "token", "mean": "avg"}
@@ -144,6 +146,20 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     return cfg
 
 
+def split_transform(transform: Any) -> tuple[Any, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """timm's eval transform ``Compose([geometry..., (Maybe)ToTensor, Normalize])`` as its
+    geometry (a ``Compose`` of the resize/crop steps, or None for another layout) and the
+    Normalize's ``(mean, std)``."""
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) >= 2 and isinstance(steps[-1], Normalize) and \
+            type(steps[-2]).__name__ in ("ToTensor", "MaybeToTensor"):
+        norm = steps[-1]
+        stats = (tuple(float(v) for v in torch.as_tensor(norm.mean)),
+                 tuple(float(v) for v in torch.as_tensor(norm.std)))
+        return Compose(steps[:-2]), stats
+    return None, ((0.0,), (1.0,))
+
+
 class TimmVision(nn.Module):
     Options = TimmVisionOptions
     modality = "image"
@@ -154,6 +170,7 @@ class TimmVision(nn.Module):
         self.model = create(o)
         self.data_config = data_config(self.model)
         self.transform = create_transform(**self.data_config, is_training=False)
+        self._geometry, self._norm = split_transform(self.transform)
         self.dim = self._probe()
         self.token_dim = int(self.model.num_features)  # width of forward_tokens
 
@@ -182,6 +199,20 @@ class TimmVision(nn.Module):
             return self.transform(image.convert("RGB"))
         x = rgb_tensor(image)  # timm's torchvision transforms also take float tensors in [0, 1]
         return self.transform(x.float().div_(255.0) if x.dtype == torch.uint8 else x.float())
+
+    def preprocess_uint8(self, image: Image.Image | Tensor) -> Tensor:
+        """timm's resize and crop, kept in uint8. A PIL image gives ``preprocess``'s pixels; a
+        uint8 tensor of another size is resized in uint8, which clips the bicubic overshoot
+        that ``preprocess`` (resizing in float) keeps. Cached images are at the input size
+        already: nothing is resized."""
+        if self._geometry is None:
+            raise NotImplementedError("this timm transform has no resize/normalise split")
+        if isinstance(image, Image.Image):
+            return pil_to_tensor(self._geometry(image.convert("RGB")))
+        return self._geometry(rgb_tensor(image))
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        return normalise(pixels, *self._norm)
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.model(pixels)
