@@ -277,3 +277,28 @@ def test_bf16_training_steps_of_the_tiny_model(tmp_path) -> None:
     after = dict(trainer.model.text.named_parameters())
     assert all(torch.isfinite(p).all() for p in after.values())
     assert any(not torch.equal(before[n], p) for n, p in after.items())
+
+
+def test_unpadded_gradients_are_reproducible_with_several_threads() -> None:
+    """A run must be reproducible: the packed path's gradients (positions gathered with
+    F.embedding, whose backward keeps its order) are bit-identical from run to run on 2
+    threads, where advanced indexing's accumulating backward was not."""
+    g = torch.Generator().manual_seed(0)  # quickstart-sized: threads split the work
+    ids = torch.randint(4, 2000, (128, 30), generator=g)
+    lengths = torch.randint(8, 31, (128,), generator=g)
+    mask = torch.arange(30)[None] < lengths[:, None]
+    tokens = {"input_ids": ids.masked_fill(~mask, 0), "attention_mask": mask}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(3):
+            torch.manual_seed(0)
+            enc = ScratchText(ScratchTextOptions()).train()
+            enc(tokens).square().sum().backward()
+            runs.append(_grads(enc))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert all(torch.equal(other[k], runs[0][k]) for k in runs[0]), [
+            k for k in runs[0] if not torch.equal(other[k], runs[0][k])]

@@ -15,6 +15,7 @@ from typing import Literal
 import attrs
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
@@ -208,7 +209,10 @@ class ScratchText(nn.Module):
         ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()
         if self.options.unpad:  # embed and run only the real tokens (one host sync: nonzero)
             packed = Packed.of(mask)
-            x = self.embed(packed.pack(ids)) + self.pos[packed.rows % packed.length]
+            # F.embedding, not pos[...]: advanced indexing's backward accumulates in a
+            # thread-dependent order on CPU, and a run must be reproducible
+            x = self.embed(packed.pack(ids)) + F.embedding(packed.rows % packed.length,
+                                                           self.pos)
             return packed.unpack(self.norm(encoder_forward(self.layers, x, packed))), mask
         x = self.embed(ids) + self.pos[: ids.shape[1]]
         return self.norm(encoder_forward(self.layers, x, mask[:, None, None, :])), mask
