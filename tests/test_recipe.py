@@ -157,6 +157,22 @@ def test_unknown_key_in_a_nested_plugin_section(write_recipe) -> None:
     assert "'patch_size'" in text
 
 
+@pytest.mark.parametrize(("section", "typo", "near"), [
+    ("data", "uint9", "'uint8'"), ("data", "train_imgs", "'train_images'"),
+    ("data", "num_worker", "'num_workers'"), ("sampler", "batchsize", "'batch_size'")])
+def test_unknown_key_in_a_section_shared_with_a_plugin(write_recipe, section, typo,
+                                                       near) -> None:
+    """[data] and [sampler] hold the core's keys and the plugin's options: a typo is matched
+    against both, and both lists are shown."""
+    path = write_recipe(deep_merge(TINY, {section: {typo: 1}}))
+    text = _assert_message(_error(path), file=path, key=f"{section}.{typo}", given=1)
+    assert f"Did you mean {near}" in text
+    own = "num_workers" if section == "data" else "batch_size"
+    assert f"[{section}]'s own keys" in text and own in text
+    if section == "data":
+        assert "dataset 'synthetic''s options" in text and "train_images" in text
+
+
 def test_wrong_type(write_recipe) -> None:
     path = write_recipe(deep_merge(TINY, {"run": {"epochs": "three"}}))
     text = _assert_message(_error(path), file=path, key="run.epochs", expected="int",

@@ -21,7 +21,7 @@ import tomli_w
 from .augment import AugmentConfig
 from .errors import PluginError, RecipeError
 from .options import Override, build, close_matches, option
-from .registry import make_options, presets
+from .registry import make_options, options_class, presets
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -401,12 +401,30 @@ def _plugin(section: str, values: dict[str, Any], core: tuple[str, ...] = ()) ->
     name = str(name)
     core_values = {k: values.pop(k) for k in core if k in values}
     try:
+        if core:  # a key neither the section's nor the plugin's: say both lists
+            _check_shared_section(section, kind, name, values, core)
         options = make_options(kind, name, values)
     except PluginError as err:
         raise RecipeError(str(err), key=f"{section}.{name_key}", given=name) from None
     except RecipeError as err:
         raise err.within(prefix=section) from None
     return Plugin(kind, name, options), core_values
+
+
+def _check_shared_section(section: str, kind: str, name: str, values: Mapping[str, Any],
+                          core: tuple[str, ...]) -> None:
+    """A section shared by the core and a plugin (``[data]``, ``[sampler]``): an unknown key
+    is checked against both, so ``data.uint9`` suggests ``uint8`` as well as the dataset's."""
+    cls = options_class(kind, name)
+    own = {f.name for f in attrs.fields(cls)} if cls is not None else set()
+    for key in values:
+        if key not in own:
+            near = close_matches(key, [*core, *own])
+            hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+            mine = ", ".join(sorted(own)) if own else "none"
+            raise RecipeError(f"unknown key.{hint}", key=key,
+                              expected=f"one of [{section}]'s own keys ({', '.join(core)}) or "
+                              f"{kind} '{name}''s options ({mine})", given=values[key])
 
 
 def apply_preset(model: dict[str, Any]) -> dict[str, Any]:
