@@ -656,7 +656,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in names[1:]:
             sides[name] = build_side(a, name, str(Path(tmp) / name.replace("+", "_")), r)
         setup_s = time.perf_counter() - t0
-        info = record.machine()
+        header = record.new_result()  # the date and the machine, read once
+        info = header["machine"]
         params = {name: side.param_counts() for name, side in sides.items()}
         print(f"machine: {info['cpu']}, {info['nproc']} cores, torch {info['torch']}, "
               f"open_clip {info.get('open_clip')}, threads {torch.get_num_threads()}, "
@@ -671,7 +672,7 @@ def main(argv: list[str] | None = None) -> None:
         for v in a.variant:
             print(f"variant {v}: {VARIANTS[v]}")
         result: dict[str, Any] = {
-            **record.new_result(), "machine": info, "args": vars(a),
+            **header, "args": vars(a),
             "model": asdict(shape_of(a)), "params": params,
             "tokens_per_caption": {"real": r.mean_tokens, "context": a.context_length,
                                    "longest_in_batch": r.mean_longest},

@@ -146,10 +146,10 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     return cfg
 
 
-def split_transform(transform: Any) -> tuple[Any, tuple[tuple[float, ...], tuple[float, ...]]]:
+def split_transform(transform: Any) -> tuple[Any, Any]:
     """timm's eval transform ``Compose([geometry..., (Maybe)ToTensor, Normalize])`` as its
-    geometry (a ``Compose`` of the resize/crop steps, or None for another layout) and the
-    Normalize's ``(mean, std)``."""
+    geometry (a ``Compose`` of the resize/crop steps) and the Normalize's ``(mean, std)``;
+    ``(None, None)`` for another layout."""
     steps = list(getattr(transform, "transforms", []))
     if len(steps) >= 2 and isinstance(steps[-1], Normalize) and \
             type(steps[-2]).__name__ in ("ToTensor", "MaybeToTensor"):
@@ -157,7 +157,7 @@ def split_transform(transform: Any) -> tuple[Any, tuple[tuple[float, ...], tuple
         stats = (tuple(float(v) for v in torch.as_tensor(norm.mean)),
                  tuple(float(v) for v in torch.as_tensor(norm.std)))
         return Compose(steps[:-2]), stats
-    return None, ((0.0,), (1.0,))
+    return None, None
 
 
 class TimmVision(nn.Module):
@@ -212,6 +212,8 @@ class TimmVision(nn.Module):
         return self._geometry(rgb_tensor(image))
 
     def normalize(self, pixels: Tensor) -> Tensor:
+        if self._norm is None:
+            raise NotImplementedError("this timm transform has no resize/normalise split")
         return normalise(pixels, *self._norm)
 
     def forward(self, pixels: Tensor) -> Tensor:
