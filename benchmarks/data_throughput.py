@@ -3,7 +3,7 @@
 Writes N synthetic scenes (mmfw's ``synthetic`` drawings and captions, with pixel noise so the
 files have a photo's size) as JPEG and/or PNG files plus a ``dataset_*.json`` Karpathy split
 file into a temporary folder, then reads them back exactly as training does: a
-``mmfw.engine.Trainer`` built from a recipe with ``data.dataset = "karpathy"``, whose
+``mmfw.train.loop.Trainer`` built from a recipe with ``data.dataset = "karpathy"``, whose
 ``loader`` is the engine's own pipeline (pre-training scan, ``Pairs``, random sampler,
 ``Collate``: decode, resize, normalise, tokenize), with ``data.num_workers`` 1 and 2, and
 ``data.cache`` off and on (the memory-mapped cache of decoded images: epoch 1 fills it, epoch 2
@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import mmfw
-from mmfw.engine import Trainer
+from mmfw.train.loop import Trainer
 
 HERE = Path(__file__).resolve().parent
 EXT = {"jpeg": "jpg", "png": "png"}

@@ -41,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import mmfw
-    from mmfw.engine import Trainer
+    from mmfw.train.loop import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = mmfw.load_recipe(args.recipe, [*args.overrides, f"run.output_dir={tmp}",
@@ -50,7 +50,8 @@ def main() -> None:
         every = recipe.diagnostics.every or 50
         trainer = Trainer(recipe, overwrite=True, console=lambda _: None)
         trainer.model.train()
-        diag = trainer.diagnostics
+        diag = trainer.callbacks.items["diagnostics"]
+        diag.on_run_start(trainer.ctx)  # the probe batch, as fit() builds it
         if not diag.every:
             sys.exit("diagnostics.every is 0 in this recipe: nothing to measure")
         step_s, grad_s, check_s = [], [], []
@@ -65,9 +66,9 @@ def main() -> None:
                 step_s.append(t1 - t0)
             if i >= warmup and (i - warmup) % max(1, args.steps // args.checks) == 0:
                 t0 = time.perf_counter()
-                diag.record_gradients()  # the gradients of this step are still in .grad
+                diag.on_after_backward(trainer.ctx, diag.every)  # this step's .grad
                 t1 = time.perf_counter()
-                diag.check(batch, img, txt)
+                diag.check(trainer.ctx, trainer.model, batch, img, txt)
                 t2 = time.perf_counter()
                 grad_s.append(t1 - t0)
                 check_s.append(t2 - t1)

@@ -1,8 +1,8 @@
 """Retrieval evaluation speed: embedding time and ranking time, separately (not a test).
 
-Ranking: ``mmfw.evaluation.recall_at_k`` on random unit embeddings (N images x 5N captions,
+Ranking: ``mmfw.eval.retrieval.recall_at_k`` on random unit embeddings (N images x 5N captions,
 width 512), checked against a plain full-sort reference so a fast wrong answer cannot pass.
-Embedding: ``mmfw.evaluation.embed_split`` of a tiny from-scratch model over N synthetic images
+Embedding: ``mmfw.eval.retrieval.embed_split`` of a tiny from-scratch model over N synthetic images
 and their 5N captions (image generation is not timed).
 
     python benchmarks/eval_speed.py --sizes 1000 5000 --threads 2
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import mmfw
-from mmfw.evaluation import KS, embed_split, recall_at_k
+from mmfw.eval.retrieval import KS, embed_split, recall_at_k
 
 HERE = Path(__file__).resolve().parent
 GOAL_S = 1.0  # ranking 1k x 5k on CPU (issue 9)
@@ -158,7 +158,7 @@ def main() -> None:
     load = result["machine"].get("loadavg", [])
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} threads,"
           f" load {' '.join(load)}")
-    print(f"\nranking: mmfw.evaluation.recall_at_k, random unit embeddings, width {a.dim}")
+    print(f"\nranking: mmfw.eval.retrieval.recall_at_k, random unit embeddings, width {a.dim}")
     print(f"{'images x captions':<20} {'median s':>9} {'min s':>8} {'matmul':>8} {'topk i2t':>9} "
           f"{'topk t2i':>9} {'full sort':>10}  same metrics")
     for n in a.sizes:
@@ -172,7 +172,7 @@ def main() -> None:
               f"{p['matmul (one direction)']:>8.3f} {p['topk i2t']:>9.3f} {p['topk t2i']:>9.3f} "
               f"{ref:>10}  {r.get('matches_reference', '-')}{goal}")
     if not a.skip_embed:
-        print("\nembedding: mmfw.evaluation.embed_split, tiny scratch model, 48 px synthetic "
+        print("\nembedding: mmfw.eval.retrieval.embed_split, tiny scratch model, 48 px synthetic "
               f"images, batch {a.batch_size}")
         print(f"{'images x captions':<20} {'median s':>9} {'items/s':>9} {'rank s':>8}   parts "
               "(each timed alone)")

@@ -5,7 +5,7 @@ image size, context length, vocabulary, embedding width) on the same pre-rendere
 mmfw's ``synthetic`` dataset, in one process, measured in alternating rounds after a warm-up so
 background load hits both alike. Peak memory is measured per side in a fresh subprocess.
 
-mmfw side: the model comes from a recipe dict through ``mmfw.engine.Trainer`` (scratch-vision,
+mmfw side: the model comes from a recipe dict through ``mmfw.train.loop.Trainer`` (scratch-vision,
 scratch-text, linear adapters, infonce, the engine's AdamW) and each step is the engine's own
 ``Trainer.run_step``. open_clip side: ``open_clip.CLIP`` with matching
 ``CLIPVisionCfg`` / ``CLIPTextCfg``, ``open_clip.loss.ClipLoss``, AdamW with open_clip_train's
@@ -122,8 +122,8 @@ def mmfw_recipe(a: argparse.Namespace, out_dir: str, variants: tuple[str, ...] =
 
 
 def make_trainer(a: argparse.Namespace, out_dir: str, variants: tuple[str, ...] = ()) -> Any:
-    from mmfw.engine import Trainer
-    from mmfw.recipe import load_recipe
+    from mmfw.config.recipe import load_recipe
+    from mmfw.train.loop import Trainer
 
     trainer = Trainer(load_recipe(mmfw_recipe(a, out_dir, variants)), overwrite=True,
                       console=lambda _msg: None)
@@ -132,7 +132,7 @@ def make_trainer(a: argparse.Namespace, out_dir: str, variants: tuple[str, ...] 
     if "compile" in variants:
         trainer.model.compile()
     trainer.model.train()
-    getattr(trainer, "loss_module", trainer.loss).train()  # as Trainer.fit does
+    trainer.opt.losses.train()  # as Trainer.fit does
     return trainer
 
 
@@ -147,7 +147,7 @@ class MmfwSide:
         self.batches: list[Any] = []
 
     def feed(self, r: Rendered) -> None:
-        from mmfw.batching import Batch
+        from mmfw.data.batching import Batch
 
         fmt = torch.channels_last if "channels-last" in self.variants else torch.contiguous_format
         tokens = r.tokens_longest if "longest" in self.variants else r.tokens_context
@@ -161,20 +161,22 @@ class MmfwSide:
         m = self.trainer.model
         return {"vision": _n(m.vision) + _n(m.vision_adapter),
                 "text": _n(m.text) + _n(m.text_adapter),
-                "loss": _n(self.trainer.loss), "total": _n(m) + _n(self.trainer.loss)}
+                "loss": _n(self.trainer.opt.losses),
+                "total": _n(m) + _n(self.trainer.opt.losses)}
 
     def instrument(self, clock: PhaseClock) -> None:
-        """Marks on the engine's real step: hooks on its modules and optimizer, and
-        pass-through wrappers of ``optimizer.zero_grad`` and ``_after_backward``."""
+        """Marks on the engine's real step: hooks on its modules and optimizer, a
+        pass-through wrapper of ``optimizer.zero_grad``, and a callback on the
+        after-backward event (the run's own callbacks, diagnostics among them, still run)."""
         t = self.trainer
         m = t.model
         self._handles = [
             m.register_forward_pre_hook(lambda *_: clock.mark("to device")),
             m.vision_adapter.register_forward_hook(lambda *_: clock.mark("forward vision")),
             m.register_forward_hook(lambda *_: clock.mark("forward text")),
-            t.loss.register_forward_hook(lambda *_: clock.mark("loss")),
+            t.opt.loss.register_forward_hook(lambda *_: clock.mark("loss")),
         ]
-        opt = t.optimizer
+        opt = t.opt.optimizer
         zero_grad = opt.zero_grad
 
         def zero_grad_marked(set_to_none: bool = True) -> None:
@@ -182,13 +184,14 @@ class MmfwSide:
             clock.mark("zero_grad")
 
         opt.zero_grad = zero_grad_marked
-        after_backward = t._after_backward  # the engine's own (diagnostics) still runs
 
-        def after_backward_marked() -> None:
-            clock.mark("backward")
-            after_backward()
+        class Marker:
+            order = -1000  # before every other callback: the backward just ended
 
-        t._after_backward = after_backward_marked
+            def on_after_backward(self, ctx: Any, step: int) -> None:
+                clock.mark("backward")
+
+        t.callbacks.add("benchmark-marker", Marker())
         self._handles += [
             opt.register_step_pre_hook(lambda *_: clock.mark("diagnostics+clip")),
             opt.register_step_post_hook(lambda *_: clock.mark("optimizer")),
@@ -197,8 +200,8 @@ class MmfwSide:
     def uninstrument(self) -> None:
         for h in self._handles:
             h.remove()
-        del self.trainer.optimizer.zero_grad, self.trainer._after_backward  # back to the class's
-
+        del self.trainer.opt.optimizer.zero_grad  # back to the class's
+        self.trainer.callbacks.remove("benchmark-marker")
 
 
 def _n(module: Any) -> int:
@@ -327,7 +330,7 @@ class Rendered:
 def render(trainer: Any, a: argparse.Namespace) -> Rendered:
     """``a.batches`` batches of ``a.batch_size`` distinct images with one random caption each
     (as open_clip's datasets give them), collated by mmfw's own ``Collate``."""
-    from mmfw.batching import Collate
+    from mmfw.data.batching import Collate
 
     text = trainer.model.text
     tok = text.tokenizer
@@ -498,7 +501,8 @@ def profile(a: argparse.Namespace, sides: dict[str, Any]) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from mmfw.batching import Collate
+    from mmfw.data.batching import Collate
+    from mmfw.train.rows import train_row
 
     device = torch.device(a.device)
     mm = sides["mmfw"]
@@ -508,12 +512,14 @@ def profile(a: argparse.Namespace, sides: dict[str, Any]) -> dict[str, Any]:
     # 1. outside the step: data (Collate in the main process, num_workers = 0) and the
     #    metrics row Trainer.fit writes every run.log_every steps
     t = mm.trainer
-    collate = Collate(t.model.vision.preprocess, t.model.text.tokenize, t.pairs.items)
-    rows = [t.pairs[k * 5] for k in range(a.batch_size)]
+    collate = Collate(t.model.vision.preprocess, t.model.text.tokenize, t.data.pairs.items)
+    rows = [t.data.pairs[k * 5] for k in range(a.batch_size)]
     collate_ms = 1e3 * statistics.median(_times(lambda: collate(rows), 5))
-    out, img, txt = t.train_step(mm.batches[0])
-    log_ms = 1e3 * statistics.median(_times(
-        lambda: t._train_row(out, img, txt, mm.batches[0], LR, 0.0), 5))
+    out, img, txt, _ = t.run_step(mm.batches[0])
+    log_ms = 1e3 * statistics.median(_times(lambda: train_row(
+        step=1, epoch=0, output=out, image=img, text=txt, batch=mm.batches[0], lr=LR,
+        samples_per_s=0.0, temperature=t.ctx.temperature(), stats=t.opt.stats, stage=None,
+        accumulate=1, local_loss=False), 5))
     log_every = t.recipe.run.log_every
 
     # 2. phases by time marks, sides alternating step by step (no profiler: its per-op
@@ -546,7 +552,7 @@ def profile(a: argparse.Namespace, sides: dict[str, Any]) -> dict[str, Any]:
     print(f"\noutside the step (Trainer.fit adds them):\n"
           f"  data: mmfw Collate of one batch in the main process (num_workers=0): "
           f"{collate_ms:.2f} ms\n"
-          f"  metrics row every {log_every} steps (Trainer._train_row): {log_ms:.2f} ms "
+          f"  metrics row every {log_every} steps (mmfw.train.rows.train_row): {log_ms:.2f} ms "
           f"= {log_ms / log_every:.2f} ms/step")
     result.update(phases_ms=phases, step_ms=totals, collate_ms=collate_ms, log_row_ms=log_ms,
                   log_every=log_every)

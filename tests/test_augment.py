@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 import mmfw
 from helpers import tiny_recipe
-from mmfw import augment
-from mmfw.augment import (
+from mmfw.config.recipe import load_recipe
+from mmfw.data import augment
+from mmfw.data.augment import (
     AugmentConfig,
     MixedTargets,
     Mixer,
@@ -25,10 +26,9 @@ from mmfw.augment import (
     swap_left_right,
     wordnet_synonyms,
 )
-from mmfw.batching import Batch
-from mmfw.engine import Trainer
+from mmfw.data.batching import Batch
 from mmfw.options import build
-from mmfw.recipe import load_recipe
+from mmfw.train.loop import Trainer
 
 
 def config(**values) -> AugmentConfig:
@@ -189,12 +189,12 @@ def test_augmentation_runs_in_training_batches_only(tmp_path: Path, monkeypatch)
               "augment": {"crop_scale": [0.6, 1.0], "flip": 0.5, "brightness": 0.3,
                           "word_delete": 0.1, "synonym_replace": 0.1}}))
     trainer = Trainer(recipe, console=lambda s: None)
-    test = trainer.source.split("test")
+    test = trainer.data.source.split("test")
     raw = mmfw.create("dataset", "synthetic", **recipe.data.dataset.values()).split("test")
     assert torch.equal(test[0].image, raw[0].image)  # evaluation reads the images untouched
     trainer.fit()
     assert calls == [16, 16, 16]  # one call per training batch
-    trainer.evaluate("test")
+    trainer.ctx.evaluate("test")
     assert len(calls) == 3
 
 

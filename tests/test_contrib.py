@@ -32,7 +32,7 @@ from PIL import Image
 import mmfw
 from helpers import SUBPROCESS_ENV, TINY, assert_user_error, cli
 from mmfw.errors import DataError, RecipeError
-from mmfw.evaluation import METRIC_KEYS
+from mmfw.eval.retrieval import METRIC_KEYS
 from mmfw.options import build, describe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader
 
 import mmfw
 from helpers import tiny_recipe
+from mmfw.config.recipe import load_recipe
 from mmfw.contracts import DatasetSource, Item, Split
-from mmfw.engine import Trainer
-from mmfw.recipe import load_recipe
+from mmfw.train.loop import Trainer
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (160, 60, 200),
            (240, 140, 30), (240, 240, 240), (90, 90, 90)]
@@ -266,7 +266,7 @@ def test_decode_failure_while_evaluating_with_skip(tmp_path: Path) -> None:
     data["eval"]["split"] = "test"
     trainer = Trainer(load_recipe(data), console=said.append)
     (tmp_path / "images" / "0005.jpg").write_bytes(b"broken")
-    metrics = trainer.evaluate("test")
+    metrics = trainer.ctx.evaluate("test")
     assert set(metrics) >= {"i2t_R@1", "rsum"}
     assert any("0005.jpg" in s and "blank image" in s for s in said)
 
@@ -529,7 +529,7 @@ def test_webdataset_streamed_training_in_the_engine(shards: Path, tmp_path: Path
     trainer = Trainer(load_recipe(strip_synthetic(recipe)), console=said.append)
     assert trainer.steps_per_epoch == 6
     assert trainer.fit() == "epochs" and trainer.step == 12
-    assert "i2t_R@1" in trainer.evaluate("test")
+    assert "i2t_R@1" in trainer.ctx.evaluate("test")
     bad = tiny_recipe(tmp_path / "runs", name="b",
                       data={"dataset": "webdataset", "train": str(shards / "train-000.tar")},
                       sampler={"name": "balanced", "batch_size": 4})
@@ -553,7 +553,7 @@ def test_cache_fills_once_then_serves_without_decoding(tmp_path: Path, monkeypat
     trainer.fit()  # one epoch: every train image decoded once and cached
     files = sorted(p.name for p in cache.iterdir())
     assert len([f for f in files if f.endswith(".u8")]) == 2  # train and test
-    train = trainer.source.prepared("train")
+    train = trainer.data.source.prepared("train")
     assert train.cache is not None and train.cache.filled() == 6
     assert train.cache.size == (16, 16)  # the scratch-vision input size of the recipe
     item = train[0]
@@ -564,7 +564,7 @@ def test_cache_fills_once_then_serves_without_decoding(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(images, "decode", no_decoding)
     for i in range(6):
-        assert torch.equal(train[i].image, trainer.source.prepared("train")[i].image)
+        assert torch.equal(train[i].image, trainer.data.source.prepared("train")[i].image)
     # a new run with the same data finds the filled cache on disk
     data["run"]["name"] = "again"
     again = Trainer(load_recipe(data), console=lambda s: None)
@@ -576,4 +576,4 @@ def test_cache_size_follows_the_encoder(tmp_path: Path) -> None:
     data = strip_synthetic(run_recipe(tmp_path, ann, cache=str(tmp_path / "c")))
     data["model"]["vision"].update(image_size=32, patch_size=8)
     trainer = Trainer(load_recipe(data), console=lambda s: None)
-    assert trainer.source.prepared("train").cache.size == (32, 32)
+    assert trainer.data.source.prepared("train").cache.size == (32, 32)

@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 
 import mmfw
 from helpers import assert_user_error, cli, tiny_recipe
-from mmfw.collapse import CollapseDetector
-from mmfw.diagnostics import (
+from mmfw.diagnostics.stats import (
     effective_rank,
     embedding_stats,
     gradient_groups,
@@ -25,6 +24,7 @@ from mmfw.diagnostics import (
     probe_batch,
 )
 from mmfw.errors import RecipeError
+from mmfw_callbacks.collapse import CollapseDetector
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_COLLAPSE = ROOT / "recipes" / "seed_collapse.toml"
@@ -261,12 +261,12 @@ def test_diagnostics_do_not_change_training(tmp_path) -> None:
 
 
 def test_a_failing_plot_never_loses_the_metrics(tmp_path, monkeypatch) -> None:
-    import mmfw.plots
+    import mmfw.tools.plots
 
     def broken(*args, **kwargs):
         raise RuntimeError("no ink")
 
-    monkeypatch.setattr(mmfw.plots, "similarity_histogram", broken)
+    monkeypatch.setattr(mmfw.tools.plots, "similarity_histogram", broken)
     said: list[str] = []
     data = tiny_recipe(tmp_path, name="ink", run={"max_steps": 2},
                        diagnostics={"map_method": "pca"})
@@ -288,7 +288,7 @@ def test_diagnostics_options_are_validated(tmp_path, write_recipe) -> None:
 def test_embedding_map_falls_back_when_a_method_is_missing(monkeypatch) -> None:
     import numpy as np
 
-    from mmfw.plots import project_2d
+    from mmfw.tools.plots import project_2d
 
     x = np.random.default_rng(0).normal(size=(40, 8))
     monkeypatch.setitem(sys.modules, "umap", None)  # import umap -> ImportError

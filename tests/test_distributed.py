@@ -20,10 +20,10 @@ from torch import nn
 
 import mmfw
 from helpers import SUBPROCESS_ENV, tiny_recipe
-from mmfw import distributed as D
-from mmfw import sharding
 from mmfw.model import build_model
-from mmfw.sharding import full
+from mmfw.parallel import distributed as D
+from mmfw.parallel import sharding
+from mmfw.parallel.sharding import full
 
 
 def _free_port() -> int:
@@ -114,13 +114,13 @@ def _engine_recipe(root: Path, name: str, **sections: object) -> Path:
 
 def _one_step(recipe_path: str) -> dict[str, torch.Tensor]:
     """The gradients (and loss) of the engine's first training step."""
-    from mmfw.engine import Trainer
+    from mmfw.train.loop import Trainer
 
     trainer = Trainer(mmfw.load_recipe(recipe_path))
     batch = next(iter(trainer.loader))
-    out, _, _ = trainer.train_step(batch)
+    out = trainer.run_step(batch).output
     named = [*trainer.model.named_parameters(),
-             *(("loss." + k, p) for k, p in trainer.loss_module.named_parameters())]
+             *(("loss." + k, p) for k, p in trainer.opt.losses.named_parameters())]
     grads = {k: full(p.grad).detach().clone() for k, p in named if p.grad is not None}
     trainer.release()
     return {**grads, "__loss": out.loss.detach().reshape(1)}
@@ -337,7 +337,7 @@ ITM_MIXTURE = {"name": "mixture", "terms": [{"name": "infonce"}, {"name": "itm",
 
 
 def _fusion_worker(rank: int, port: int, recipe_path: str, out_dir: str) -> None:
-    from mmfw.engine import Trainer
+    from mmfw.train.loop import Trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
@@ -347,11 +347,11 @@ def _fusion_worker(rank: int, port: int, recipe_path: str, out_dir: str) -> None
         batch = next(iter(trainer.loader))
         saved = {"pixels": batch.pixels.clone(), "tokens": dict(batch.tokens),
                  "image_ids": batch.image_ids.clone(), "text_ids": batch.text_ids.clone()}
-        out, _, _ = trainer.train_step(batch)
+        out = trainer.run_step(batch).output
         grads = {k: p.grad.detach().clone() for k, p in trainer.model.named_parameters()
                  if p.grad is not None}
         grads.update({"loss." + k: p.grad.detach().clone()
-                      for k, p in trainer.loss_module.named_parameters() if p.grad is not None})
+                      for k, p in trainer.opt.losses.named_parameters() if p.grad is not None})
         torch.save({"batch": saved, "grads": grads, "terms": out.terms},
                    Path(out_dir) / f"fusion-rank{rank}.pt")
         trainer.release()
@@ -367,8 +367,8 @@ def test_fusion_under_ddp_scores_each_ranks_own_pairs(tmp_path: Path) -> None:
     row has at most one negative: the draws are deterministic and one process can replay them."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
-    from mmfw.engine import Trainer
     from mmfw.model import fused_forward
+    from mmfw.train.loop import Trainer
 
     sections = {"model": FUSION, "loss": ITM_MIXTURE, "sampler": {"batch_size": 4}}
     path = _engine_recipe(tmp_path, "fusion-ddp", **sections)

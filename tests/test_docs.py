@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mmfw.reference import recipe_reference
+from mmfw.config.reference import recipe_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_recipe_reference_is_current():
     page = (ROOT / "docs" / "recipe-reference.md").read_text()
     assert page == recipe_reference(), (
-        "docs/recipe-reference.md is stale: run `python -m mmfw.reference > "
+        "docs/recipe-reference.md is stale: run `python -m mmfw.config.reference > "
         "docs/recipe-reference.md`"
     )
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import mmfw
 from helpers import assert_user_error, cli, run_module, tiny_recipe
-from mmfw.evaluation import METRIC_KEYS, evaluate_split
+from mmfw.eval.retrieval import METRIC_KEYS, evaluate_split
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 import mmfw
 from helpers import assert_user_error, cli, deep_merge, tiny_recipe
-from mmfw.batching import Collate, Pairs
-from mmfw.distill import Teacher, TeacherBatch, TeacherCollate
-from mmfw.evaluation import embed_split, ensemble_embeddings, ensemble_similarity, recall_at_k
-from mmfw.runs import ensemble_members
+from mmfw.data.batching import Collate, Pairs
+from mmfw.eval.retrieval import embed_split, ensemble_embeddings, ensemble_similarity, recall_at_k
+from mmfw.run.loaded import ensemble_members
+from mmfw_callbacks.teacher import Teacher, TeacherBatch, TeacherCollate
 
 pytestmark = pytest.mark.slow
 
@@ -185,7 +185,7 @@ def test_ensemble_teacher_embeddings_and_own_inputs(ensemble) -> None:
 
 def test_distillation_recipe_mistakes(tmp_path, write_recipe) -> None:
     no_teacher = write_recipe(tiny_recipe(tmp_path / "runs", loss={"name": "distillation"}))
-    assert_user_error(cli("run", no_teacher), "distill.teacher", "needs a teacher")
+    assert_user_error(cli("run", no_teacher), "distill.teacher", "needs teacher_image")
     missing = write_recipe(tiny_recipe(tmp_path / "runs", name="m",
                                        loss={"name": "distillation"},
                                        distill={"teacher": str(tmp_path / "nowhere")}), "m.toml")

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmfw.evaluation import METRIC_KEYS, recall_at_k
+from mmfw.eval.retrieval import METRIC_KEYS, recall_at_k
 
 KEYS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import mmfw
 from helpers import tiny_recipe
 from mmfw.errors import MmfwError, RecipeError
-from mmfw.evaluation import (
+from mmfw.eval.retrieval import (
     METRIC_KEYS,
     embed_split_tokens,
     evaluate_split,

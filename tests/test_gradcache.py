@@ -14,9 +14,9 @@ from torch import nn
 
 import mmfw
 from helpers import tiny_recipe
-from mmfw.batching import Collate, Pairs
-from mmfw.gradcache import chunks, gradcache_step, naive_step
+from mmfw.data.batching import Collate, Pairs
 from mmfw.model import build_model
+from mmfw.train.gradcache import chunks, gradcache_step, naive_step
 
 NO_AUTOCAST = contextlib.nullcontext
 

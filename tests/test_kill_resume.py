@@ -14,7 +14,7 @@ import pytest
 import tomli_w
 
 from helpers import SUBPROCESS_ENV, cli, tiny_recipe
-from mmfw import checkpoint as ckpt
+from mmfw.run import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

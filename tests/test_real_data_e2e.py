@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 import mmfw
 from helpers import TINY, cli, deep_merge, run_module
-from mmfw.evaluation import METRIC_KEYS
+from mmfw.eval.retrieval import METRIC_KEYS
 
 pytestmark = pytest.mark.slow
 

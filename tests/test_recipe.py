@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import mmfw
 from helpers import TINY, assert_user_error, cli, deep_merge, run_module
-from mmfw.recipe import TOP_LEVEL
+from mmfw.config.recipe import TOP_LEVEL
 
 if sys.version_info >= (3, 11):
     import tomllib

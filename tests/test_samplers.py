@@ -268,8 +268,8 @@ def test_rank_shards_are_disjoint_and_cover_the_plan(name, counts, b, world, dro
 def test_samplers_train_end_to_end_in_the_engine(name: str, tmp_path) -> None:
     """The engine hands every sampler its context and trains a step with it."""
     from helpers import tiny_recipe
-    from mmfw.engine import Trainer
-    from mmfw.recipe import load_recipe
+    from mmfw.config.recipe import load_recipe
+    from mmfw.train.loop import Trainer
 
     recipe = load_recipe(tiny_recipe(tmp_path, name=name, run={"max_steps": 2},
                                      data={"train_images": 16, "val_images": 0,

@@ -13,9 +13,9 @@ from torch import nn
 import mmfw
 from helpers import tiny_recipe
 from mmfw.contracts import StagePlan
-from mmfw.engine import Trainer
 from mmfw.errors import PluginError, RecipeError
-from mmfw.params import ParamTable, first_match, lr_multipliers, matches
+from mmfw.train.loop import Trainer
+from mmfw.train.params import ParamTable, first_match, lr_multipliers, matches
 
 # --------------------------------------------------------------------------------------------
 # LR factors
@@ -279,18 +279,16 @@ def _trainer(tmp_path, schedule: dict, **sections) -> Trainer:
 
 
 def _step_at(trainer: Trainer, batch, step: int, epoch: int) -> float:
-    trainer.step, trainer.epoch = step, epoch
-    lr = trainer._set_lr()
-    trainer.train_step(batch)
-    return lr
+    trainer.progress.step, trainer.progress.epoch = step, epoch
+    return trainer.run_step(batch).lr
 
 
 def _names_with_grad(trainer: Trainer) -> set[str]:
-    return {p.name for p in trainer.params if p.param.grad is not None}
+    return {p.name for p in trainer.opt.params if p.param.grad is not None}
 
 
 def _group_lrs(trainer: Trainer) -> dict[str, float]:
-    return {g["group"]: g["lr"] for g in trainer.optimizer.param_groups}
+    return {g["group"]: g["lr"] for g in trainer.opt.optimizer.param_groups}
 
 
 STAGES = {
@@ -309,42 +307,42 @@ STAGES = {
 def test_three_stage_gradients_lrs_and_losses(tmp_path) -> None:
     tr = _trainer(tmp_path, schedule=STAGES, optim={"lr": 1e-3})
     batch = next(iter(tr.loader))
-    all_names = {p.name for p in tr.params}
+    all_names = {p.name for p in tr.opt.params}
     vision = {n for n in all_names if n.startswith("vision.")}
     text = {n for n in all_names if n.startswith("text.")}
     adapters = {n for n in all_names if n.startswith(("vision_adapter.", "text_adapter."))}
-    embeddings = {p.name for p in tr.params if p.group == "vision.embeddings"}
+    embeddings = {p.name for p in tr.opt.params if p.group == "vision.embeddings"}
 
     # stage 1: encoders frozen, infonce: adapters and infonce's temperature get gradients
     lr = _step_at(tr, batch, 2, 0)
     grads = _names_with_grad(tr)
     assert grads & (vision | text) == set()
     assert adapters <= grads
-    assert tr.loss is tr.stage_losses["infonce"]
+    assert tr.opt.loss is tr.opt.stage_losses["infonce"]
     assert grads - adapters == {n for n in all_names if n.startswith("loss.stages.infonce.")}
     assert list(_group_lrs(tr).values()) == pytest.approx([lr] * len(_group_lrs(tr)))
     frozen_before = {n: p.param.detach().clone() for n, p in
-                     ((p.name, p) for p in tr.params) if n in vision}
-    assert all(not tr.optimizer.state.get(p.param) for p in tr.params if p.name in vision)
+                     ((p.name, p) for p in tr.opt.params) if n in vision}
+    assert all(not tr.opt.optimizer.state.get(p.param) for p in tr.opt.params if p.name in vision)
 
     # stage 2: vision blocks and head train (embeddings frozen), text frozen, memory queue
     lr = _step_at(tr, batch, 7, 0)
     grads = _names_with_grad(tr)
     assert grads & vision == vision - embeddings
     assert grads & text == set()
-    assert tr.loss is tr.stage_losses["memory_queue"]
-    assert int(tr.stage_losses["memory_queue"].text_queue.count) == len(batch)
+    assert tr.opt.loss is tr.opt.stage_losses["memory_queue"]
+    assert int(tr.opt.stage_losses["memory_queue"].text_queue.count) == len(batch)
     lrs = _group_lrs(tr)
     assert lrs["vision.layers.0"] == pytest.approx(lr * 0.1)
     assert lrs["vision_adapter"] == pytest.approx(lr * 0.5)
     assert lrs["vision.head"] == lrs["text_adapter"] == lrs["loss"] == pytest.approx(lr)
     # frozen parameters did not move and AdamW keeps no state for them
-    for p in tr.params:
+    for p in tr.opt.params:
         if p.group == "vision.embeddings":
             assert torch.equal(p.param, frozen_before[p.name])
-            assert not tr.optimizer.state.get(p.param)
+            assert not tr.opt.optimizer.state.get(p.param)
         elif p.name in vision:
-            assert int(tr.optimizer.state[p.param]["step"]) == 1  # fresh state on unfreezing
+            assert int(tr.opt.optimizer.state[p.param]["step"]) == 1  # fresh state on unfreezing
 
     # stage 3: everything trains at the stage's multipliers with semi-hard mining
     lr = _step_at(tr, batch, 12, 0)
@@ -353,24 +351,24 @@ def test_three_stage_gradients_lrs_and_losses(tmp_path) -> None:
     for g, v in lrs.items():
         want = 0.02 if g.startswith(("vision.", "text.")) else 1.0
         assert v == pytest.approx(lr * want), g
-    assert tr.loss is tr.stage_losses["hard_negative"]
-    assert tr.stage_losses["hard_negative"].options.mining == "semi-hard"
+    assert tr.opt.loss is tr.opt.stage_losses["hard_negative"]
+    assert tr.opt.stage_losses["hard_negative"].options.mining == "semi-hard"
 
 
 def test_progressive_unfreeze_in_the_engine(tmp_path) -> None:
     tr = _trainer(tmp_path, schedule={"name": "progressive-unfreeze", "warmup_steps": 0},
                   optim={"layer_decay": 0.5})
     batch = next(iter(tr.loader))
-    adapters = {p.name for p in tr.params if "adapter" in p.group}
-    encoders = {p.name for p in tr.params if p.group.startswith(("vision.", "text."))}
+    adapters = {p.name for p in tr.opt.params if "adapter" in p.group}
+    encoders = {p.name for p in tr.opt.params if p.group.startswith(("vision.", "text."))}
     _step_at(tr, batch, 0, 0)  # epoch 0: encoders frozen
     assert _names_with_grad(tr) & encoders == set()
     assert adapters <= _names_with_grad(tr)
     lr = _step_at(tr, batch, 20, 1)  # epoch 1: the top block (TINY has depth 1) and head
-    top = {p.name for p in tr.params
+    top = {p.name for p in tr.opt.params
            if p.group in ("vision.layers.0", "vision.head", "text.layers.0", "text.head")}
     assert _names_with_grad(tr) & encoders == top
-    assert tr._plan == StagePlan("top-1", 1, ("vision.embeddings", "text.embeddings"))
+    assert tr.opt.plan == StagePlan("top-1", 1, ("vision.embeddings", "text.embeddings"))
     lr = _step_at(tr, batch, 40, 2)  # epoch 2: the embeddings too
     assert _names_with_grad(tr) >= encoders
     lrs = _group_lrs(tr)
@@ -395,6 +393,6 @@ def test_onecycle_sets_beta1_in_the_engine(tmp_path) -> None:
     batch = next(iter(tr.loader))
     lr = _step_at(tr, batch, 0, 0)
     assert lr == pytest.approx(tr.recipe.optim.lr / 25)
-    assert [g["betas"][0] for g in tr.optimizer.param_groups] == pytest.approx(
-        [0.95] * len(tr.optimizer.param_groups))
-    assert math.isclose(tr.optimizer.param_groups[0]["betas"][1], 0.98)
+    assert [g["betas"][0] for g in tr.opt.optimizer.param_groups] == pytest.approx(
+        [0.95] * len(tr.opt.optimizer.param_groups))
+    assert math.isclose(tr.opt.optimizer.param_groups[0]["betas"][1], 0.98)

@@ -11,7 +11,7 @@ import tomli_w
 
 from helpers import assert_user_error, cli, tiny_recipe
 from mmfw.errors import RecipeError
-from mmfw.sweep import parse_grid, plan_sweep, split_values
+from mmfw.tools.sweep import parse_grid, plan_sweep, split_values
 
 pytestmark = pytest.mark.slow
 

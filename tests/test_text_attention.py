@@ -16,7 +16,7 @@ from torch.profiler import profile
 
 import mmfw
 from helpers import tiny_recipe
-from mmfw.engine import Trainer
+from mmfw.train.loop import Trainer
 from mmfw_encoders.attention import check_layer, encoder_forward
 from mmfw_encoders.scratch import ScratchText, ScratchTextOptions
 

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 import mmfw
 from helpers import assert_user_error, cli, tiny_recipe
-from mmfw import checkpoint as ckpt
-from mmfw.engine import Trainer
-from mmfw.evaluation import METRIC_KEYS
-from mmfw.params import balance_towers
+from mmfw.eval.retrieval import METRIC_KEYS
+from mmfw.run import checkpoint as ckpt
+from mmfw.train.loop import Trainer
+from mmfw.train.params import balance_towers
 
 QUIET = {"console": lambda _: None}
 
@@ -67,7 +67,7 @@ def test_fp16_grad_scaler_state_is_checkpointed_and_restored(tmp_path) -> None:
     data["run"]["max_steps"] = 7
     trainer = Trainer(mmfw.load_recipe(data), resume=True, **QUIET)
     assert trainer.step == 5
-    assert trainer.scaler.get_scale() == scale
+    assert trainer.opt.scaler.get_scale() == scale
 
 
 # backends -------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def test_run_step_is_the_step_fit_takes(tmp_path) -> None:
     assert all(lrs[s - 1] == pytest.approx(lr) for s, lr in logged.items())
     want = load_file(str(fitted.run_dir / "checkpoints" / f"step-{fitted.steps:08d}.safetensors"))
     got = {**{"model." + k: v for k, v in trainer.model.state_dict().items()},
-           **{"loss." + k: v for k, v in trainer.loss_module.state_dict().items()}}
+           **{"loss." + k: v for k, v in trainer.opt.losses.state_dict().items()}}
     assert got.keys() == want.keys()
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
@@ -273,7 +273,7 @@ def test_uint8_hand_over_trains_like_float_pixels(tmp_path) -> None:
 
 
 def test_encoders_without_a_uint8_path_hand_over_float() -> None:
-    from mmfw.datasource import pixel_preprocess
+    from mmfw.data.datasource import pixel_preprocess
 
     class Plain:
         def preprocess(self, image):

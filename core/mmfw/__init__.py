@@ -1,16 +1,17 @@
 """mmfw: train image-text dual encoders from pretrained unimodal encoders, with plugins.
 
 Public API: :func:`create`, :func:`available`, :func:`load_recipe`, :func:`train`,
-:func:`evaluate`, :func:`load_run`, and :data:`hookimpl` for plugin authors.
+:func:`evaluate`, :func:`load_run`; plugin authors import :mod:`mmfw.spi`.
 """
 
-from .contracts import LossOutput
-from .engine import RunResult, train
-from .errors import DataError, MmfwError, PluginError, RecipeError, ResumeError
-from .hookspecs import hookimpl
-from .recipe import Recipe, load_recipe
+from .config.recipe import Recipe, load_recipe
 from .registry import available, create, register
-from .runs import LoadedRun, evaluate, load_run
+from .run.dispatch import train
+from .run.loaded import LoadedRun, ensemble_members, evaluate, load_run
+from .run.result import RunResult
+from .spi.contracts import LossOutput
+from .spi.errors import DataError, MmfwError, PluginError, RecipeError, ResumeError
+from .spi.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "RunResult",
     "available",
     "create",
+    "ensemble_members",
     "evaluate",
     "hookimpl",
     "load_recipe",

@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from .distributed import world_from_env
-from .errors import MmfwError, PluginError, RecipeError
+from .parallel.distributed import world_from_env
+from .spi.errors import MmfwError, PluginError, RecipeError
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,12 +52,12 @@ _set = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
 @_friendly
 def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
     """Train RECIPE and evaluate it; writes <run.output_dir>/<run.name>/."""
-    from .engine import train
-    from .recipe import load_recipe
+    from .config.recipe import load_recipe
+    from .run.dispatch import train
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
-    from .distributed import world_from_env
+    from .parallel.distributed import world_from_env
 
     result = train(load_recipe(recipe, overrides), resume=resume, overwrite=overwrite)
     if world_from_env().is_main:  # under torchrun, one copy of the result
@@ -70,7 +70,7 @@ def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool)
 @_friendly
 def check(recipe: Path, overrides: tuple[str, ...]) -> None:
     """Validate RECIPE (keys, types, plugin names and options) without training."""
-    from .recipe import load_recipe
+    from .config.recipe import load_recipe
 
     r = load_recipe(recipe, overrides)
     click.echo(f"{recipe}: ok")
@@ -87,9 +87,9 @@ def check(recipe: Path, overrides: tuple[str, ...]) -> None:
 def list_(kind: str | None, pattern: str | None, show_options: bool, show_models: bool
           ) -> None:
     """List installed plugins (all kinds, or one KIND: encoder, loss, ...)."""
-    from .options import describe
     from .registry import KINDS, options_class, provider
     from .registry import available as avail
+    from .spi.options import describe
 
     if show_models:
         if kind not in (None, "encoder"):
@@ -144,7 +144,7 @@ def eval_(run_dirs: tuple[Path, ...], split: str | None, data: tuple[str, ...],
     Several RUN_DIRS (or one ensemble directory) are evaluated as an ensemble: their cosine
     similarities are averaged, on the first run's data.
     """
-    from .runs import evaluate
+    from .run.loaded import evaluate
 
     target = run_dirs[0] if len(run_dirs) == 1 else list(run_dirs)
     click.echo(json.dumps(evaluate(target, split=split, data=data, batch_size=batch_size),
@@ -158,7 +158,7 @@ def eval_(run_dirs: tuple[Path, ...], split: str | None, data: tuple[str, ...],
 @_friendly
 def report(run_dir: Path, out: Path | None) -> None:
     """Write a self-contained HTML report of RUN_DIR: recipe, metrics, diagnostics, plots."""
-    from .report import write_report
+    from .tools.report import write_report
 
     click.echo(str(write_report(run_dir, out)))
 
@@ -177,7 +177,7 @@ def report(run_dir: Path, out: Path | None) -> None:
 def sweep(recipe: Path, grid: tuple[str, ...], overrides: tuple[str, ...], jobs: int,
           resume: bool, overwrite: bool) -> None:
     """Train RECIPE once per combination of --grid values; compare them in one table and plot."""
-    from .sweep import plan_sweep, run_sweep
+    from .tools.sweep import plan_sweep, run_sweep
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .contracts import asset_dir
-from .recipe import ModelConfig
+from .config.recipe import ModelConfig
 from .registry import create
+from .spi.contracts import asset_dir
 
 
 class DualEncoder(nn.Module):
@@ -72,7 +72,7 @@ class DualEncoder(nn.Module):
         ``(tokens, mask)``. Raw inputs are encoded here (one pass per call).
         """
         if self.fusion is None:
-            from .errors import MmfwError
+            from .spi.errors import MmfwError
 
             raise MmfwError("this model has no fusion head: add [model.fusion] with "
                             'name = "cross-attention" to the recipe')
@@ -109,7 +109,7 @@ def build_model(cfg: ModelConfig) -> DualEncoder:
         return DualEncoder(vision, text, *adapters)
     for enc, section in ((vision, "model.vision"), (text, "model.text")):
         if not callable(getattr(enc, "forward_tokens", None)):
-            from .errors import RecipeError
+            from .spi.errors import RecipeError
 
             raise RecipeError(f"[model.fusion] needs token features, but encoder "
                               f"'{type(enc).__name__}' has no forward_tokens()",
@@ -175,7 +175,7 @@ def fused_forward(model: nn.Module, pixels: Tensor, tokens: dict[str, Tensor],
 def _encoder(name: str, options: Any, modality: str) -> nn.Module:
     enc = create("encoder", name, options=options)
     if getattr(enc, "modality", None) != modality:
-        from .errors import RecipeError
+        from .spi.errors import RecipeError
 
         section = "model.vision" if modality == "image" else "model.text"
         raise RecipeError(f"encoder '{name}' encodes {getattr(enc, 'modality', '?')}, not "

@@ -14,34 +14,17 @@ from typing import Any
 import attrs
 import pluggy
 
-from . import hookspecs
-from .errors import PluginError, RecipeError
-from .options import build, close_matches
+from .spi import hookspecs
+from .spi.errors import PluginError, RecipeError
+from .spi.options import build, close_matches
 
 ENTRY_POINT_GROUP = "mmfw"
 
-#: kind -> hook name. The kinds are public API.
-KINDS: dict[str, str] = {
-    "encoder": "mmfw_encoders",
-    "adapter": "mmfw_adapters",
-    "loss": "mmfw_losses",
-    "sampler": "mmfw_samplers",
-    "backend": "mmfw_backends",
-    "scheduler": "mmfw_schedulers",
-    "dataset": "mmfw_datasets",
-}
+#: kind -> hook name, read from the hookspecs' declarations (the kinds are public API)
+KINDS: dict[str, str] = {k.name: k.hook for k in hookspecs.KINDS.values()}
 
-#: Keywords the engine passes to factories of each kind, besides the options.
-CONTEXT: dict[str, tuple[str, ...]] = {
-    "encoder": (),
-    "adapter": ("in_dim", "out_dim", "other_dim"),  # other_dim: fusion's image width
-    "loss": (),
-    "sampler": ("match_ids", "batch_size", "seed", "drop_last", "texts", "groups", "rank",
-                "world_size"),
-    "backend": (),
-    "scheduler": ("total_steps", "steps_per_epoch", "groups"),
-    "dataset": (),
-}
+#: keywords the core passes to factories of each kind, besides the options (from the specs)
+CONTEXT: dict[str, tuple[str, ...]] = {k.name: k.context for k in hookspecs.KINDS.values()}
 
 
 @functools.cache
@@ -83,7 +66,7 @@ def _check_hook_names(pm: pluggy.PluginManager) -> None:
     except pluggy.PluginValidationError as err:
         names = ", ".join(KINDS.values())
         raise PluginError(f"{err} Hooks mmfw knows: {names}, "
-                          "plus the optional ones in mmfw.hookspecs.") from None
+                          "plus the optional ones in mmfw.spi.hookspecs.") from None
 
 
 def register(plugin: object, name: str | None = None) -> None:

@@ -7,7 +7,7 @@ import attrs
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfw.options import option
+from mmfw.spi import option
 
 from .linear import init_linear
 

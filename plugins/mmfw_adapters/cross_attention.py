@@ -13,7 +13,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from mmfw.options import option
+from mmfw.spi import option
 
 from .linear import init_linear
 

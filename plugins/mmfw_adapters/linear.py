@@ -6,7 +6,7 @@ from __future__ import annotations
 import attrs
 from torch import Tensor, nn
 
-from mmfw.options import option
+from mmfw.spi import option
 
 
 def init_linear(layer: nn.Linear, *, orthogonal: bool, gain: float) -> None:

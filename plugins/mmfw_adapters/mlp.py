@@ -9,7 +9,7 @@ from typing import Literal
 import attrs
 from torch import Tensor, nn
 
-from mmfw.options import option
+from mmfw.spi import option
 
 from .linear import init_linear
 

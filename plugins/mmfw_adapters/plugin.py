@@ -1,6 +1,6 @@
 """Built-in adapters, registered through the ``mmfw`` entry point ``adapters``."""
 
-from mmfw.hookspecs import hookimpl
+from mmfw.spi import hookimpl
 
 from .batchnorm import BNProjection
 from .cross_attention import CrossAttention

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mmfw.options import option
+from mmfw.spi import option
 
 Precision = Literal["fp32", "bf16", "fp16"]
 

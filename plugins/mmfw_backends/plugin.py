@@ -1,6 +1,6 @@
 """Built-in backends, registered through the ``mmfw`` entry point ``backends``."""
 
-from mmfw.hookspecs import hookimpl
+from mmfw.spi import hookimpl
 
 from .devices import CPUBackend, CUDABackend, MPSBackend, auto_backend
 

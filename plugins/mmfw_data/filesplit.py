@@ -2,7 +2,7 @@
 
 Annotations are read once, in the main process; an item's image is decoded with Pillow only
 when the item is fetched (in DataLoader workers). Bad annotation rows never become items: they
-are kept as :class:`~mmfw.contracts.Problem` records, reported with the image scan by
+are kept as :class:`~mmfw.spi.contracts.Problem` records, reported with the image scan by
 ``problems()`` so the engine's ``data.on_bad`` policy sees everything in one list.
 """
 
@@ -14,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from mmfw.contracts import Item, Problem
-from mmfw.errors import DataError
+from mmfw.spi import DataError, Item, Problem
 
 from . import images
 

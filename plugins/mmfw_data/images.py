@@ -1,7 +1,7 @@
 """Reading image files with Pillow: decoding for training, and the cheap pre-training check.
 
 Decoding happens in ``Split.__getitem__``, so it runs in the DataLoader's worker processes.
-Every failure becomes a :class:`~mmfw.errors.DataError` that names the file, so the engine's
+Every failure becomes a :class:`~mmfw.spi.errors.DataError` that names the file, so the engine's
 bad-data policy (``data.on_bad``) can report or skip it.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mmfw.errors import DataError
+from mmfw.spi import DataError
 
 #: what an image file may end with (JPEG's end-of-image marker); checked before a full decode
 _JPEG_EOI = b"\xff\xd9"

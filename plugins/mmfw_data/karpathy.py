@@ -13,9 +13,7 @@ from pathlib import Path
 
 import attrs
 
-from mmfw.contracts import Problem
-from mmfw.errors import DataError
-from mmfw.options import option
+from mmfw.spi import DataError, Problem, option
 
 from .filesplit import FileSplit, Record, require_file, resolve
 

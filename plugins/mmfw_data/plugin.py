@@ -1,6 +1,6 @@
 """Built-in datasets and samplers, registered through the ``mmfw`` entry point ``data``."""
 
-from mmfw.hookspecs import hookimpl
+from mmfw.spi import hookimpl
 
 from .karpathy import KarpathyDataset
 from .samplers import BalancedSampler, CurriculumSampler, RandomSampler, SemanticGroupsSampler

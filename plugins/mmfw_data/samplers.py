@@ -22,7 +22,7 @@ import attrs
 import numpy as np
 import torch
 
-from mmfw.options import option
+from mmfw.spi import option
 
 #: how far ahead packing looks for a group that fits the space left in a batch
 LOOKAHEAD = 256

@@ -28,10 +28,7 @@ from typing import Any, Literal, NamedTuple
 import attrs
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmfw.batching import Row
-from mmfw.contracts import Item, Problem
-from mmfw.errors import DataError
-from mmfw.options import option
+from mmfw.spi import DataError, Item, Problem, Row, option
 
 from . import images
 from .filesplit import stable_id

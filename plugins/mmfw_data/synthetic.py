@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mmfw.contracts import Item
-from mmfw.options import option
+from mmfw.spi import Item, option
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLOURS = {

@@ -25,6 +25,9 @@ from .filesplit import FileSplit, group_rows, require_file
 
 SPLITS = ("train", "val", "test")
 
+#: what the files must be; a BOM is allowed (``utf-8-sig``: Excel writes one)
+ENCODING = "utf-8"
+
 Row = tuple[str, list[str], str, "str | None", str]  # image, captions, where, group, split
 
 
@@ -56,10 +59,27 @@ class TableOptions:
                              "train / val / test files")
 
 
+def _one_character(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    """The csv module needs one character that can split a line: '' passed ``max_len(1)`` and
+    then crashed the reader, a line break or the quote character would mis-split every row."""
+    name = attribute.name
+    if len(value) != 1:
+        # TOML's '\t' (single quotes) and --set data.delimiter=\t give a backslash and a t
+        hint = (" (for a tab write \"\\t\" in double quotes: delimiter = \"\\t\", or "
+                "--set 'data.delimiter=\"\\t\"')" if value == "\\t" else "")
+        raise ValueError(f"'{name}' must be exactly one character, e.g. ',' ';' '|' or a tab "
+                         f"(this one has {len(value)}){hint}")
+    if value in "\r\n":
+        raise ValueError(f"'{name}' cannot be a line break: rows are lines")
+    if value == '"':
+        raise ValueError(f"'{name}' cannot be the quote character '\"' (it quotes fields "
+                         "that hold the delimiter)")
+
+
 @attrs.frozen
 class CsvOptions(TableOptions):
     delimiter: str = option(",", doc="field delimiter ('\\t' for TSV)",
-                            validator=attrs.validators.max_len(1))
+                            validator=_one_character)
 
 
 @attrs.frozen
@@ -98,14 +118,18 @@ class TableDataset:
             root = Path(o.images).expanduser() if o.images else path.parent
             if not root.is_dir():
                 raise DataError(f"image folder not found: {root} (data.images)")
-            for image, captions, where, group, split in self._rows(path, fixed, problems):
-                roots[split] = root
-                if split not in SPLITS:
-                    problems["train"].append(Problem(where, f"unknown split {split!r} "
-                                                     "(expected train, val or test)"))
-                    continue
-                for caption in captions or [""]:
-                    rows[split].append((image, caption, where, group))
+            try:
+                for image, captions, where, group, split in self._rows(path, fixed, problems):
+                    roots[split] = root
+                    if split not in SPLITS:
+                        problems["train"].append(Problem(where, f"unknown split {split!r} "
+                                                         "(expected train, val or test)"))
+                        continue
+                    for caption in captions or [""]:
+                        rows[split].append((image, caption, where, group))
+            except UnicodeDecodeError as err:
+                # the decoder's offset is within its read chunk, so the place is found again
+                raise DataError(not_utf8(path, self.kind, err)) from None
         return {s: FileSplit(group_rows(rows[s], roots.get(s, Path(".")), problems[s]),
                              problems[s]) for s in SPLITS}
 
@@ -154,11 +178,22 @@ class CsvDataset(TableDataset):
     def _rows(self, path: Path, fixed: str | None, problems: dict[str, list[Problem]]
               ) -> Iterator[Row]:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter=self.options.delimiter)
-            self._require_columns(path, list(reader.fieldnames or []))
+            # csv.reader, not DictReader: DictReader keeps quiet about a row of another width
+            # (extra fields go under the key None, missing ones become None), so an unquoted
+            # delimiter cut a caption short and nothing said so
+            reader = csv.reader(f, delimiter=self.options.delimiter)
             try:
-                for record in reader:
-                    yield self._row(record, f"{path}:{reader.line_num}", fixed)
+                header = next(reader, [])
+                self._require_columns(path, header)
+                for fields in reader:
+                    if not fields:  # a blank line, skipped as DictReader did
+                        continue
+                    where = f"{path}:{reader.line_num}"
+                    if len(fields) != len(header):
+                        problems[fixed or "train"].append(
+                            Problem(where, field_count(len(fields), len(header))))
+                        continue
+                    yield self._row(dict(zip(header, fields)), where, fixed)
             except csv.Error as err:
                 raise DataError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
 
@@ -189,3 +224,34 @@ class JsonlDataset(TableDataset):
                 yield self._row(record, where, fixed)
         # a key no row has is a misnamed column, not a thousand bad rows
         self._require_columns(path, sorted(seen))
+
+
+def field_count(n: int, width: int) -> str:
+    """Why a CSV row of ``n`` fields under a header of ``width`` is not read."""
+    if n > width:
+        return (f"row has {n} fields, header has {width} (an unquoted delimiter in a caption? "
+                "quote the field)")
+    return (f"row has {n} field{'s' if n != 1 else ''}, header has {width} (a missing field, "
+            "or a line break in an unquoted caption? quote the field)")
+
+
+def not_utf8(path: Path, kind: str, err: UnicodeDecodeError) -> str:
+    """The message for a file that is not UTF-8: which file, where, and what to do.
+
+    Only called on the error path, so reading the file again to place the bad byte is cheap
+    enough; the stream's ``err.start`` counts from the start of the decoder's last chunk.
+    """
+    data = path.read_bytes()
+    try:
+        data.decode(ENCODING)
+    except UnicodeDecodeError as whole:
+        line = data.count(b"\n", 0, whole.start) + 1
+        place = f"byte 0x{data[whole.start]:02x} at byte offset {whole.start} (line {line})"
+    else:  # pragma: no cover - the stream saw a bad byte the whole file does not have
+        place = err.reason
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # Excel's "Unicode text" export
+        fix = "it starts with a UTF-16 byte-order mark: `iconv -f utf-16 -t utf-8`"
+    else:
+        fix = "e.g. from Latin-1 / Windows-1252: `iconv -f cp1252 -t utf-8`"
+    return (f"{path}: not {ENCODING} text: {place}. {kind} files are read as {ENCODING} "
+            f"(a BOM is fine); re-save the file as UTF-8 ({fix})")

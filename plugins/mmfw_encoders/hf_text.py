@@ -17,7 +17,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from mmfw.options import option
+from mmfw.spi import option
 
 from . import hub
 from .groups import transformer_groups

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from mmfw.options import option
+from mmfw.spi import option
 
 from . import hub
 from .groups import transformer_groups

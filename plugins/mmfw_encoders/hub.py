@@ -20,8 +20,7 @@ import attrs
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 
-from mmfw.errors import PluginError
-from mmfw.options import close_matches
+from mmfw.spi import PluginError, close_matches
 
 from .known_models import MODELS, known
 

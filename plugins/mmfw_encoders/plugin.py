@@ -4,7 +4,7 @@ Besides the encoders, the plugin serves the known-model table (true widths) and 
 presets through the ``mmfw_models`` / ``mmfw_presets`` hooks.
 """
 
-from mmfw.hookspecs import hookimpl
+from mmfw.spi import hookimpl
 
 from .hf_text import HFText
 from .hf_vision import HFVision

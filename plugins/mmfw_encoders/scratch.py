@@ -20,7 +20,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
 
-from mmfw.options import option
+from mmfw.spi import option
 
 from .attention import EncoderLayer, Packed, check_layer, encoder_forward
 from .groups import ordered, timm_groups

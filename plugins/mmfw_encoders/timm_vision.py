@@ -22,8 +22,7 @@ from torch import Tensor, nn
 from torchvision.transforms import Compose, Normalize
 from torchvision.transforms.functional import pil_to_tensor
 
-from mmfw.errors import PluginError
-from mmfw.options import close_matches, option
+from mmfw.spi import PluginError, close_matches, option
 
 from . import hub
 from .groups import timm_groups

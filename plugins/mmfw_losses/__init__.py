@@ -1,1 +1,1 @@
-"""Built-in contrastive and regularising losses (calling convention in mmfw.contracts.Loss)."""
+"""Built-in contrastive and regularising losses (calling convention in mmfw.spi.contracts.Loss)."""

@@ -6,9 +6,7 @@ from __future__ import annotations
 import attrs
 from torch import Tensor, nn
 
-from mmfw.contracts import LossOutput
-from mmfw.options import option
-from mmfw.pairing import pair_indices, positives
+from mmfw.spi import LossOutput, option, pair_indices, positives
 
 from .stats import off_diagonal_sq
 

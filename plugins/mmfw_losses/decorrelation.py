@@ -5,8 +5,7 @@ from __future__ import annotations
 import attrs
 from torch import Tensor, nn
 
-from mmfw.contracts import LossOutput
-from mmfw.options import option
+from mmfw.spi import LossOutput, option
 
 from .stats import covariance, off_diagonal_sq
 

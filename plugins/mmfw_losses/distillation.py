@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfw.contracts import LossOutput
-from mmfw.options import option
-from mmfw.pairing import positives
-from mmfw.temperature import Temperature
-
-from .infonce import soft_cross_entropy
+from mmfw.spi import (
+    LossOutput,
+    Temperature,
+    option,
+    positives,
+    soft_cross_entropy,
+    temperature_option,
+)
 
 
 @attrs.frozen
 class DistillationOptions:
-    temperature: float = option(2.0, doc="distillation T: both logit matrices are divided by it",
-                                validator=attrs.validators.gt(0))
+    temperature: float = temperature_option(2.0, doc="distillation T: both logit matrices "
+                                            "are divided by it")
     student_temperature: float = option(0.07, doc="tau forming logits from cosine similarity",
                                         validator=attrs.validators.gt(0))
     alpha: float = option(0.5, doc="weight of the hard-label InfoNCE; 1 - alpha on the KL",
@@ -49,6 +53,10 @@ class Distillation(nn.Module):
     """
 
     Options = DistillationOptions
+    #: the teacher's embeddings come from the ``teacher`` callback, which ``[distill]
+    #: teacher`` switches on (the run refuses to start without them)
+    requires_context: ClassVar[dict[str, str]] = {"teacher_image": "distill.teacher",
+                                                  "teacher_text": "distill.teacher"}
 
     def __init__(self, options: DistillationOptions | None = None) -> None:
         super().__init__()

@@ -11,12 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfw.contracts import LossOutput
-from mmfw.options import option
-from mmfw.pairing import anchor_share, positives
-from mmfw.temperature import Temperature
-
-from .infonce import soft_cross_entropy
+from mmfw.spi import (
+    LossOutput,
+    Temperature,
+    anchor_share,
+    learn_temperature_option,
+    max_scale_option,
+    option,
+    positives,
+    soft_cross_entropy,
+    temperature_option,
+)
 
 
 @attrs.frozen
@@ -28,10 +33,11 @@ class HardNegativeOptions:
                            validator=attrs.validators.ge(0))
     top_k: int = option(0, doc="hard: mine the k most similar negatives (0 = the margin rule)",
                         validator=attrs.validators.ge(0))
-    temperature: float = option(0.07, doc="initial tau: cosine similarity is divided by it",
-                                validator=attrs.validators.gt(0))
-    learn_temperature: bool = option(False, doc="learn tau (as CLIP's logit_scale)")
-    max_scale: float = option(100.0, doc="clamp on 1/tau", validator=attrs.validators.gt(1))
+    temperature: float = temperature_option(0.07, doc="initial tau: cosine similarity is "
+                                            "divided by it")
+    learn_temperature: bool = learn_temperature_option(False, doc="learn tau (as CLIP's "
+                                                       "logit_scale)")
+    max_scale: float = max_scale_option()
 
 
 def mine(sim: Tensor, pos: Tensor, o: HardNegativeOptions) -> Tensor:

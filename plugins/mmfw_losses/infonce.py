@@ -6,37 +6,28 @@ import attrs
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfw.contracts import LossOutput
-from mmfw.options import option
-from mmfw.pairing import anchor_share, positives
-from mmfw.temperature import Temperature
+from mmfw.spi import (
+    LossOutput,
+    Temperature,
+    anchor_share,
+    learn_temperature_option,
+    max_scale_option,
+    option,
+    positives,
+    soft_cross_entropy,
+    temperature_option,
+)
 
 
 @attrs.frozen
 class InfoNCEOptions:
-    temperature: float = option(0.07, doc="initial tau: cosine similarity is divided by it",
-                                validator=attrs.validators.gt(0))
-    learn_temperature: bool = option(True, doc="learn tau (as CLIP's logit_scale)")
-    max_scale: float = option(100.0, doc="clamp on 1/tau", validator=attrs.validators.gt(1))
+    temperature: float = temperature_option(0.07, doc="initial tau: cosine similarity is "
+                                            "divided by it")
+    learn_temperature: bool = learn_temperature_option(True, doc="learn tau (as CLIP's "
+                                                       "logit_scale)")
+    max_scale: float = max_scale_option()
     label_smoothing: float = option(0.0, doc="mass spread uniformly over all candidates",
                                     validator=[attrs.validators.ge(0), attrs.validators.lt(1)])
-
-
-def soft_cross_entropy(logits: Tensor, pos: Tensor, smoothing: float = 0.0,
-                       divisor: Tensor | None = None) -> Tensor:
-    """Mean over rows with a positive of ``-sum_j q_ij log softmax(logits)_ij``.
-
-    ``q`` is uniform over the row's positives (mixed with ``smoothing`` uniform mass). A
-    ``divisor`` (``masks.anchor_share``: rows that are a shard of a batch) replaces the count.
-    """
-    has_pos = pos.any(1)
-    q = pos.to(logits.dtype)
-    q = q / q.sum(1, keepdim=True).clamp_min(1.0)
-    if smoothing:
-        q = (1 - smoothing) * q + smoothing / logits.shape[1]
-    nll = -(q * F.log_softmax(logits, dim=1)).sum(1)
-    # rows without a positive contribute 0 and are not counted (no host sync)
-    return nll.mul(has_pos).sum() / (has_pos.sum().clamp_min(1) if divisor is None else divisor)
 
 
 def one_way(queries: Tensor, keys: Tensor, query_ids: Tensor | None, key_ids: Tensor | None,

@@ -9,19 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfw.contracts import LossOutput
-from mmfw.errors import MmfwError
-from mmfw.options import option
-from mmfw.pairing import pair_indices, positives
+from mmfw.spi import LossOutput, MmfwError, option, pair_indices, positives, temperature_option
 
 Match = Callable[[Tensor, Tensor], Tensor]
 
 
 @attrs.frozen
 class ITMOptions:
-    temperature: float = option(0.07, doc="hard negatives are drawn from softmax(cosine / "
-                                "temperature) over the non-matching rows",
-                                validator=attrs.validators.gt(0))
+    temperature: float = temperature_option(0.07, doc="hard negatives are drawn from "
+                                            "softmax(cosine / temperature) over the "
+                                            "non-matching rows")
     hard: bool = option(True, doc="sample negatives by similarity (false: uniformly)")
 
 

@@ -7,28 +7,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfw.contracts import LossOutput
-from mmfw.options import option
-from mmfw.pairing import anchor_share, positives
-from mmfw.temperature import Temperature
-
-from .infonce import soft_cross_entropy
+from mmfw.spi import (
+    EXCLUDED,
+    LossOutput,
+    Temperature,
+    anchor_share,
+    learn_temperature_option,
+    max_scale_option,
+    option,
+    positives,
+    soft_cross_entropy,
+    temperature_option,
+)
 
 #: id stored for entries enqueued without ids: matches no anchor (reserved value)
 NO_ID = torch.iinfo(torch.int64).min
-#: a finite "minus infinity" for excluded candidates (``-inf`` would make ``0 * -inf = nan``)
-EXCLUDED = -1e9
 
 
 @attrs.frozen
 class MemoryQueueOptions:
     size: int = option(4096, doc="entries kept per modality", validator=attrs.validators.gt(0))
-    temperature: float = option(0.07, doc="initial tau: cosine similarity is divided by it",
-                                validator=attrs.validators.gt(0))
-    learn_temperature: bool = option(True, doc="learn tau (as CLIP's logit_scale)")
+    temperature: float = temperature_option(0.07, doc="initial tau: cosine similarity is "
+                                            "divided by it")
+    learn_temperature: bool = learn_temperature_option(True, doc="learn tau (as CLIP's "
+                                                       "logit_scale)")
     dim: int = option(0, doc="embedding width; 0 = allocate the queue at the first batch",
                       validator=attrs.validators.ge(0))
-    max_scale: float = option(100.0, doc="clamp on 1/tau", validator=attrs.validators.gt(1))
+    max_scale: float = max_scale_option()
 
 
 class Queue(nn.Module):

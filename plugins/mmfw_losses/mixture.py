@@ -11,9 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfw import registry
-from mmfw.contracts import LossOutput
-from mmfw.errors import PluginError, RecipeError
-from mmfw.options import option
+from mmfw.spi import LossOutput, PluginError, RecipeError, option
 
 
 def split_term(i: int, term: Any) -> tuple[str, float, dict[str, Any]]:
@@ -83,6 +81,12 @@ class Mixture(nn.Module):
         self.weights = [w for _, w, _ in specs]
         self.losses = nn.ModuleList(registry.create("loss", name, **opts)
                                     for name, _, opts in specs)
+
+    @property
+    def requires_context(self) -> dict[str, str]:
+        """What the terms need in their context (a distillation term: the teacher's)."""
+        return {k: v for loss in self.losses
+                for k, v in (getattr(loss, "requires_context", None) or {}).items()}
 
     @property
     def supports_local_loss(self) -> bool:

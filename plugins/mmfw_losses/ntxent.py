@@ -7,23 +7,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfw.contracts import LossOutput
-from mmfw.options import option
-from mmfw.pairing import match_ids
-from mmfw.temperature import Temperature
-
-from .infonce import soft_cross_entropy
-
-#: a finite "minus infinity" for the self-similarity (``-inf`` would make ``0 * -inf = nan``)
-EXCLUDED = -1e9
+from mmfw.spi import (
+    EXCLUDED,
+    LossOutput,
+    Temperature,
+    learn_temperature_option,
+    match_ids,
+    max_scale_option,
+    soft_cross_entropy,
+    temperature_option,
+)
 
 
 @attrs.frozen
 class NTXentOptions:
-    temperature: float = option(0.5, doc="tau: cosine similarity is divided by it",
-                                validator=attrs.validators.gt(0))
-    learn_temperature: bool = option(False, doc="learn tau")
-    max_scale: float = option(100.0, doc="clamp on 1/tau", validator=attrs.validators.gt(1))
+    temperature: float = temperature_option(0.5, doc="tau: cosine similarity is divided by it")
+    learn_temperature: bool = learn_temperature_option(False, doc="learn tau")
+    max_scale: float = max_scale_option()
 
 
 class NTXent(nn.Module):

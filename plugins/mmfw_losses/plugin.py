@@ -1,6 +1,6 @@
 """Built-in losses, registered through the ``mmfw`` entry point ``losses``."""
 
-from mmfw.hookspecs import hookimpl
+from mmfw.spi import hookimpl
 
 from .barlow_twins import BarlowTwins
 from .decorrelation import Decorrelation

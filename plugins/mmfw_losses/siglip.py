@@ -7,20 +7,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfw.contracts import LossOutput
-from mmfw.options import option
-from mmfw.pairing import positives
-from mmfw.temperature import Temperature
+from mmfw.spi import (
+    LossOutput,
+    Temperature,
+    learn_temperature_option,
+    max_scale_option,
+    option,
+    positives,
+    temperature_option,
+)
 
 
 @attrs.frozen
 class SigLIPOptions:
-    temperature: float = option(0.1, doc="initial tau: cosine similarity is divided by it "
-                                "(the paper's logit scale 10)", validator=attrs.validators.gt(0))
-    learn_temperature: bool = option(True, doc="learn tau (in log space, as the paper's t')")
+    temperature: float = temperature_option(0.1, doc="initial tau: cosine similarity is "
+                                            "divided by it (the paper's logit scale 10)")
+    learn_temperature: bool = learn_temperature_option(True, doc="learn tau (in log space, "
+                                                       "as the paper's t')")
     bias: float = option(-10.0, doc="initial logit bias b")
     learn_bias: bool = option(True, doc="learn the bias")
-    max_scale: float = option(100.0, doc="clamp on 1/tau", validator=attrs.validators.gt(1))
+    max_scale: float = max_scale_option()
 
 
 class SigLIP(nn.Module):

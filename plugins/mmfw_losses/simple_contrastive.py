@@ -6,25 +6,32 @@ import attrs
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfw.contracts import LossOutput
-from mmfw.options import option
-from mmfw.pairing import pair_indices, positives
-from mmfw.temperature import Temperature
+from mmfw.spi import (
+    LossOutput,
+    Temperature,
+    learn_temperature_option,
+    max_scale_option,
+    option,
+    pair_indices,
+    positives,
+    soft_cross_entropy,
+    temperature_option,
+)
 
 from .decorrelation import decorrelation
-from .infonce import soft_cross_entropy
 
 
 @attrs.frozen
 class SimpleContrastiveOptions:
-    temperature: float = option(0.1, doc="initial tau: cosine similarity is divided by it",
-                                validator=attrs.validators.gt(0))
-    learn_temperature: bool = option(False, doc="learn tau (the seed keeps it fixed)")
+    temperature: float = temperature_option(0.1, doc="initial tau: cosine similarity is "
+                                            "divided by it")
+    learn_temperature: bool = learn_temperature_option(False, doc="learn tau (the seed "
+                                                       "keeps it fixed)")
     mse_weight: float = option(0.5, doc="weight of the MSE alignment of matched pairs",
                                validator=attrs.validators.ge(0))
     decor_weight: float = option(0.2, doc="weight of the decorrelation penalty",
                                  validator=attrs.validators.ge(0))
-    max_scale: float = option(100.0, doc="clamp on 1/tau", validator=attrs.validators.gt(1))
+    max_scale: float = max_scale_option()
 
 
 class SimpleContrastive(nn.Module):

@@ -7,20 +7,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfw.contracts import LossOutput
-from mmfw.options import option
-from mmfw.pairing import positives
-from mmfw.temperature import Temperature
-
-from .infonce import soft_cross_entropy
+from mmfw.spi import (
+    LossOutput,
+    Temperature,
+    learn_temperature_option,
+    max_scale_option,
+    positives,
+    soft_cross_entropy,
+    temperature_option,
+)
 
 
 @attrs.frozen
 class SupConOptions:
-    temperature: float = option(0.07, doc="tau: cosine similarity is divided by it",
-                                validator=attrs.validators.gt(0))
-    learn_temperature: bool = option(False, doc="learn tau (the paper keeps it fixed)")
-    max_scale: float = option(100.0, doc="clamp on 1/tau", validator=attrs.validators.gt(1))
+    temperature: float = temperature_option(0.07, doc="tau: cosine similarity is divided by "
+                                            "it")
+    learn_temperature: bool = learn_temperature_option(False, doc="learn tau (the paper "
+                                                       "keeps it fixed)")
+    max_scale: float = max_scale_option()
 
 
 def label_positives(labels, bi: int, bt: int, device: torch.device) -> Tensor:

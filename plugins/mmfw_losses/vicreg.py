@@ -6,9 +6,7 @@ import attrs
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfw.contracts import LossOutput
-from mmfw.options import option
-from mmfw.pairing import pair_indices, positives
+from mmfw.spi import LossOutput, option, pair_indices, positives
 
 from .stats import covariance, off_diagonal_sq
 

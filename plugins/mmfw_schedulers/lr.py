@@ -7,7 +7,7 @@ from typing import Literal
 
 import attrs
 
-from mmfw.options import option
+from mmfw.spi import option
 
 
 @attrs.frozen

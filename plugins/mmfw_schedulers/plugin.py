@@ -1,6 +1,6 @@
 """Built-in schedulers, registered through the ``mmfw`` entry point ``schedulers``."""
 
-from mmfw.hookspecs import hookimpl
+from mmfw.spi import hookimpl
 
 from .lr import Constant, OneCycle, WarmupCosine
 from .stages import ProgressiveUnfreeze, ThreeStage

@@ -1,7 +1,7 @@
 """Staged schedules: the seeds' three-stage training and progressive unfreezing.
 
 Both speak the engine's ``StagePlan``: freeze patterns, LR multipliers per parameter group and
-the active loss (see ``mmfw.params`` for the names: ``vision``, ``vision.layers.3``,
+the active loss (see ``mmfw.train.params`` for the names: ``vision``, ``vision.layers.3``,
 ``vision_adapter``, ``loss``; a pattern without wildcards names a dotted subtree).
 """
 
@@ -15,9 +15,7 @@ from typing import Any
 import attrs
 
 from mmfw import registry
-from mmfw.contracts import StagePlan
-from mmfw.errors import PluginError, RecipeError
-from mmfw.options import option
+from mmfw.spi import PluginError, RecipeError, StagePlan, option
 
 from .lr import warmup_cosine
 

@@ -12,8 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from mmfw.errors import DataError
-from mmfw.options import option
+from mmfw.spi import DataError, option
 
 from .vocabulary import PAD, SPECIALS, Vocabulary
 

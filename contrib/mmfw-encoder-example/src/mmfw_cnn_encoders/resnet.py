@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from mmfw.options import option
+from mmfw.spi import option
 
 #: ImageNet channel statistics, the usual normalisation of ResNets
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -7,22 +7,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfw import LossOutput
-from mmfw.options import option
-from mmfw.pairing import positives
-from mmfw.temperature import Temperature
-
-#: a finite "minus infinity" for excluded candidates (``-inf`` would make ``0 * -inf = nan``)
-EXCLUDED = -1e9
+from mmfw.spi import (
+    EXCLUDED,
+    LossOutput,
+    Temperature,
+    learn_temperature_option,
+    max_scale_option,
+    option,
+    positives,
+    temperature_option,
+)
 
 
 @attrs.frozen
 class DCLOptions:
-    temperature: float = option(0.1, doc="initial tau: cosine similarity is divided by it",
-                                validator=attrs.validators.gt(0))
-    learn_temperature: bool = option(False, doc="learn tau (DCL has no lower bound as tau "
-                                     "shrinks: 1/tau is clamped to max_scale)")
-    max_scale: float = option(100.0, doc="clamp on 1/tau", validator=attrs.validators.gt(1))
+    temperature: float = temperature_option(0.1, doc="initial tau: cosine similarity is "
+                                            "divided by it")
+    learn_temperature: bool = learn_temperature_option(False, doc="learn tau (DCL has no "
+                                                       "lower bound as tau shrinks: 1/tau "
+                                                       "is clamped to max_scale)")
+    max_scale: float = max_scale_option()
     weighted: bool = option(False, doc="DCLW: weight each positive by the negative "
                             "von Mises-Fisher function of its similarity")
     sigma: float = option(0.5, doc="DCLW: the weighting function's temperature",

@@ -1,10 +1,10 @@
 """The module the entry point names: mmfw calls its hooks to find this package's components."""
 
-import mmfw
+from mmfw.spi import hookimpl
 
 from .dcl import DCL
 
 
-@mmfw.hookimpl
+@hookimpl
 def mmfw_losses() -> dict:
     return {"dcl": DCL}

@@ -1,0 +1,1 @@
+"""Retrieval evaluation: Recall@K both ways, rsum, ensembles, fusion re-ranking (public API)."""

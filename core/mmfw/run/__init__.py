@@ -1,0 +1,1 @@
+"""Runs on disk: the run directory, checkpoints, finished runs, ensembles, dispatch."""

@@ -1,0 +1,119 @@
+"""Finished runs: load a model back from its run directory, evaluate it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import attrs
+import torch
+
+from ..config.recipe import Recipe, apply_overrides, from_dict, read_toml
+from ..eval.retrieval import evaluate_ensemble, evaluate_split
+from ..model import DualEncoder, build_model
+from ..registry import create
+from ..spi.errors import MmfwError
+from . import checkpoint as ckpt
+from .rundir import CHECKPOINTS, ENSEMBLE_FILE, RECIPE_FILE
+
+
+@attrs.frozen
+class LoadedRun:
+    run_dir: Path
+    recipe: Recipe
+    model: DualEncoder
+    step: int
+
+
+def ensemble_members(run_dir: str | Path) -> list[Path] | None:
+    """The member run directories of an ensemble directory, or None for a plain run."""
+    d = Path(run_dir)
+    path = d / ENSEMBLE_FILE
+    if not path.is_file():
+        return None
+    return [d / m for m in json.loads(path.read_text())["members"]]
+
+
+def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu",
+             checkpoint: str = "auto") -> LoadedRun:
+    """The model of a run directory and its resolved recipe.
+
+    ``checkpoint``: ``"latest"``, ``"best"`` (best val rsum), or ``"auto"``: the best when the
+    recipe says ``eval.restore_best``, else the latest (the weights metrics.json was made with).
+    """
+    d = Path(run_dir)
+    members = ensemble_members(d)
+    if members is not None:
+        names = ", ".join(m.name for m in members)
+        raise MmfwError(f"{d} is an ensemble directory (members {names}): load a member, "
+                        f"or evaluate the ensemble with `mmfw eval {d}`")
+    if not (d / RECIPE_FILE).is_file():
+        raise MmfwError(f"{d} is not a run directory (no {RECIPE_FILE} in it)")
+    recipe = from_dict(read_toml(d / RECIPE_FILE), str(d / RECIPE_FILE))
+    if checkpoint not in ("auto", "latest", "best"):
+        raise MmfwError(f"checkpoint must be 'auto', 'latest' or 'best', not {checkpoint!r}")
+    step = ckpt.latest(d / CHECKPOINTS)
+    best = ckpt.best(d / CHECKPOINTS)
+    if checkpoint == "best" or (checkpoint == "auto" and recipe.eval.restore_best):
+        if best is None and checkpoint == "best":
+            raise MmfwError(f"{d} has no best checkpoint (it needs a val split: eval.val_split)")
+        step = best if best is not None else step
+    if step is None:
+        raise MmfwError(f"{d} has no checkpoint yet (is the run still starting?)")
+    ckpt.verify(d / CHECKPOINTS, step)  # a damaged checkpoint is named, never loaded
+    model = build_model(recipe.model)
+    model.load_assets(d)
+    ckpt.load_weights(d / CHECKPOINTS, step, model, None)
+    model.to(device).eval()
+    return LoadedRun(d, recipe, model, step)
+
+
+def evaluate(run: str | Path | LoadedRun | Sequence[str | Path | LoadedRun], *,
+             split: str | None = None, data: Iterable[str] = (), batch_size: int | None = None,
+             device: str | torch.device = "cpu") -> dict[str, float]:
+    """Recall@1/5/10 both ways and rsum of a run on a split of its dataset.
+
+    ``data`` overrides keys of the run's ``[data]`` section (``"annotations=/x.json"``), so the
+    same model can be evaluated on another copy or another dataset. Several runs (or an
+    ensemble directory) are evaluated as an ensemble: their cosine similarities are averaged
+    (seed 000 §5), each model embedding with its own preprocessing, on the first run's data.
+    """
+    if isinstance(run, (str, Path)) and (members := ensemble_members(run)) is not None:
+        run = members
+    if not isinstance(run, (str, Path, LoadedRun)):
+        paths: list[str | Path | LoadedRun] = []
+        for r in run:  # an ensemble directory among several runs stands for its members
+            inner = None if isinstance(r, LoadedRun) else ensemble_members(r)
+            paths.extend(inner if inner is not None else [r])
+        runs = [r if isinstance(r, LoadedRun) else load_run(r, device=device) for r in paths]
+        if not runs:
+            raise MmfwError("evaluate() needs at least one run directory")
+        if len(runs) > 1:
+            return _evaluate(runs, split, data, batch_size, device)
+        run = runs[0]
+    loaded = run if isinstance(run, LoadedRun) else load_run(run, device=device)
+    return _evaluate([loaded], split, data, batch_size, device)
+
+
+def _evaluate(runs: list[LoadedRun], split: str | None, data: Iterable[str],
+              batch_size: int | None, device: str | torch.device) -> dict[str, float]:
+    loaded = runs[0]
+    recipe = loaded.recipe
+    if data:
+        raw = apply_overrides(recipe.to_dict(), [f"data.{d}" for d in data])
+        recipe = from_dict(raw, "--data")
+    source = create("dataset", recipe.data.dataset.name, options=recipe.data.dataset.options)
+    name = split or recipe.eval.split
+    if name not in source.splits:
+        raise MmfwError(f"dataset '{recipe.data.dataset.name}' has no split '{name}' "
+                        f"(it has {', '.join(source.splits)})")
+    kwargs = dict(batch_size=batch_size or recipe.eval.batch_size, device=device,
+                  max_images=recipe.eval.max_images)
+    if len(runs) == 1:
+        return evaluate_split(loaded.model, source.split(name),
+                              rerank_top_k=recipe.eval.rerank_top_k, **kwargs)
+    return evaluate_ensemble([r.model for r in runs], source.split(name), **kwargs)
+
+
+__all__ = ["ENSEMBLE_FILE", "LoadedRun", "ensemble_members", "evaluate", "load_run"]

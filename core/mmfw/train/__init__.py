@@ -1,0 +1,1 @@
+"""Training: the loop, the contrastive step, optimisation and the checkpointer."""

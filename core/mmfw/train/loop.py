@@ -1,0 +1,303 @@
+"""The training loop: one recipe in, one run directory out.
+
+:class:`Trainer` builds a run's parts (strategy, data, model, optimisation, contrastive step,
+callbacks, checkpointer) and :meth:`Trainer.fit` runs them: for each batch the stage plan and
+LR, the step, the update, then the events callbacks act on (logging, diagnostics,
+evaluation, early stopping, plots: all of them callbacks).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import attrs
+import torch
+
+from ..config.recipe import Recipe, load_recipe
+from ..data.augment import Mixer
+from ..data.datasource import TrainingData
+from ..model import DualEncoder, build_model
+from ..parallel import distributed
+from ..parallel.strategy import strategy_for
+from ..registry import create
+from ..run import checkpoint as ckpt
+from ..run.resume import RESUMABLE_CHANGES, recipe_changes
+from ..run.rundir import RunDir
+from ..spi.context import StepEnd
+from ..spi.contracts import LossOutput
+from ..spi.errors import MmfwError, RecipeError, ResumeError
+from .callbacks import Callbacks
+from .checkpointer import Checkpointer, Progress
+from .context import TrainerContext
+from .optimisation import Optimisation
+from .rows import Throughput, train_row
+from .step import ContrastiveStep
+
+
+class Step(NamedTuple):
+    """What :meth:`Trainer.run_step` gives back: the loss output, the batch's embeddings
+    (detached) and the learning rate the step ran at."""
+
+    output: LossOutput
+    image: torch.Tensor
+    text: torch.Tensor
+    lr: float
+
+
+class Preempted(MmfwError):
+    """SIGTERM (a preemption): the run checkpointed and stopped; ``--resume`` continues it."""
+
+
+class Trainer:
+    """Everything a run needs; ``fit`` trains, its callbacks log, evaluate and plot.
+
+    Under torchrun every rank builds a Trainer; ``sampler.batch_size`` is the global batch
+    and the strategy hides how ranks share it (see :mod:`mmfw.parallel.strategy`).
+    """
+
+    def __init__(self, recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
+                 console: Callable[[str], None] | None = None) -> None:
+        r, self.recipe = recipe, recipe
+        self.backend = create("backend", r.backend.name, options=r.backend.options)
+        if not self.backend.available():
+            why = getattr(self.backend, "why_unavailable", None)
+            raise MmfwError(f"backend '{r.backend.name}' is not available on this machine"
+                            f"{f': {why()}' if callable(why) else ''} (set backend.name = "
+                            '"auto" to pick what is)')
+        self.world = distributed.init(self.backend.device, r.distributed.timeout_minutes)
+        self.device = self.backend.device
+        if self.world.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)  # one GPU per process
+            if hasattr(self.backend, "device"):
+                self.backend.device = self.device
+        out = console if console is not None else (lambda s: print(s, flush=True))
+        self.say = out if self.world.is_main else (lambda s: None)
+        self.strategy = strategy_for(self.world, self.device, r.distributed)
+        self.run_dir = RunDir.of(r)
+        try:
+            self._build(resume, overwrite)
+        except BaseException:
+            self.release()  # a run that never started holds no lock
+            raise
+
+    def _build(self, resume: bool, overwrite: bool) -> None:
+        r = self.recipe
+        start = self._claim(resume, overwrite)
+        self.backend.seed(r.run.seed)
+
+        w = self.world.world_size  # each rank's sampler makes batch_size / w of a step
+        if r.sampler.batch_size % w:
+            raise RecipeError(f"sampler.batch_size is the global batch of all {w} processes "
+                              "and must divide evenly among them", key="sampler.batch_size",
+                              expected=f"a multiple of {w}", given=r.sampler.batch_size)
+        local = attrs.evolve(r, sampler=attrs.evolve(r.sampler, batch_size=r.sampler.batch_size
+                                                     // w))
+        self.data = TrainingData(local, self.run_dir.path, self.say, rank=self.world.rank,
+                                 world_size=w)
+        self.model: DualEncoder = build_model(r.model)
+        self._assets(start)
+        loss = create("loss", r.loss.name, options=r.loss.options).to(self.device)
+        self.model.to(self.device)
+        self.strategy.setup(self.model, self.say)
+        self.sampler = self.data.sampler()
+        if len(self.sampler) == 0:
+            raise MmfwError(f"the training split has {len(self.data.pairs)} pairs, fewer than "
+                            f"one batch of {r.sampler.batch_size}: lower sampler.batch_size "
+                            "or set sampler.drop_last = false")
+        self.loader = self.data.loader(self.model, self.sampler,
+                                       pin_memory=self.device.type == "cuda")
+        self.mixer = Mixer(r.data.augment, r.run.seed)
+        self.steps_per_epoch = len(self.sampler)
+        total = r.run.epochs * self.steps_per_epoch
+        self.total_steps = min(total, r.run.max_steps) if r.run.max_steps else total
+        self.progress = Progress()
+        self.opt = Optimisation(r, self.model, loss, self.backend, self.device,
+                                total_steps=self.total_steps,
+                                steps_per_epoch=self.steps_per_epoch, say=self.say)
+        self.callbacks = Callbacks.build(r)
+        self._check_parts()
+        if callable(getattr(self.backend, "prepare", None)):
+            self.backend.prepare(self.model)  # memory format, torch.compile
+        self.step_fn = ContrastiveStep(self.model, self.opt.losses, self.strategy,
+                                       self.backend, accumulate=r.optim.accumulate,
+                                       mode=r.optim.accumulate_mode,
+                                       local_loss=r.distributed.local_loss)
+        self.checkpointer = Checkpointer(
+            self.run_dir, r, progress=self.progress, model=self.model, losses=self.opt.losses,
+            optimisation=self.opt, strategy=self.strategy, sampler=self.sampler,
+            steps_per_epoch=self.steps_per_epoch, callbacks=self.callbacks)
+        self.ctx = TrainerContext(self)
+        if start:
+            self.checkpointer.restore(start, self.say)
+            if self.world.is_main:
+                self.run_dir.truncate(self.progress.step, self.say)
+            self.say(f"resumed {self.run_dir} at step {self.progress.step} "
+                     f"(epoch {self.progress.epoch})")
+            self.callbacks.fire("on_checkpoint_restore", self.ctx, start)
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @property
+    def epoch(self) -> int:
+        return self.progress.epoch
+
+    def _claim(self, resume: bool, overwrite: bool) -> int | None:
+        """Lock and check the run directory (rank 0); the checkpoint to resume from."""
+        d, start = self.run_dir, None
+        if self.world.is_main:
+            d.claim(resume=resume, overwrite=overwrite)
+        if resume:
+            if self.world.is_main:
+                ckpt.clean(d.checkpoints)
+            start = ckpt.latest_intact(d.checkpoints, self.say)
+            if start is None:
+                raise ResumeError(f"nothing to resume in {d}: no checkpoint found (run "
+                                  "without --resume to start it)")
+            changes = recipe_changes(load_recipe(d.recipe_file), self.recipe,
+                                     RESUMABLE_CHANGES)
+            if changes:
+                raise ResumeError(
+                    f"the recipe differs from the one {d} was started with, in more than run "
+                    "length:\n  " + "\n  ".join(changes[:10]) + "\nResume with the original "
+                    "recipe, or start a new run (--set run.name=...)")
+        self.strategy.barrier()  # every rank has looked before rank 0 writes
+        if self.world.is_main:
+            d.write_recipe(self.recipe.to_toml())
+        self.strategy.barrier()
+        return start
+
+    def _assets(self, start: int | None) -> None:
+        """Encoders' files (a tokenizer fitted on the training captions): made by rank 0 at
+        the start, read back by the other ranks and on resume."""
+        if start:
+            self.model.load_assets(self.run_dir.path)
+            return
+        if self.world.is_main:
+            for enc in (self.model.vision, self.model.text):
+                if callable(getattr(enc, "prepare", None)):
+                    enc.prepare(self.data.pairs.texts())
+            self.model.save_assets(self.run_dir.path)
+        self.strategy.barrier()
+        if not self.world.is_main:  # the same tokenizer on every rank: rank 0's
+            self.model.load_assets(self.run_dir.path)
+
+    def _check_parts(self) -> None:
+        """What the losses need of callbacks and of [distributed], checked before step 1."""
+        provided = self.callbacks.provides()
+        for name, loss in self.opt.all_losses().items():
+            needs = getattr(loss, "requires_context", None) or {}
+            missing = {k: v for k, v in needs.items() if k not in provided}
+            if missing:
+                key = next(iter(missing.values()))
+                raise RecipeError(f"loss '{name}' needs {', '.join(missing)} in its context, "
+                                  "which no callback of this run provides", key=key,
+                                  expected=f"{key} set (it switches on what provides them)")
+        if self.world.distributed and self.recipe.distributed.local_loss:
+            self.opt.check_local_loss()
+        if self.strategy.sharded and self.opt.scaler is not None:
+            raise RecipeError("FSDP runs take bf16 or fp32, not fp16 with a GradScaler",
+                              key="backend.precision", expected='"bf16" or "fp32"',
+                              given="fp16")
+
+    def fit(self) -> str:
+        """Train until epochs, max_steps or max_minutes (or a callback's stop); returns why."""
+        r, p, ctx, fire = self.recipe.run, self.progress, self.ctx, self.callbacks.fire
+        budget = r.max_minutes * 60 - p.seconds if r.max_minutes else math.inf
+        t0 = time.perf_counter()
+        preempted: list[int] = []
+        old = signal.signal(signal.SIGTERM, lambda *_: preempted.append(1)) \
+            if self.world.is_main else None
+        self.model.train()
+        self.opt.losses.train()
+        fire("on_run_start", ctx)
+        speed, stop = Throughput(), None
+        try:
+            while stop is None and p.epoch < r.epochs:
+                self.sampler.set_epoch(p.epoch)
+                for batch in self.loader:
+                    out, img, txt, lr = self.run_step(batch)
+                    elapsed = time.perf_counter() - t0
+                    speed.add(len(batch) * self.world.world_size)  # the global batch
+                    row = self._row(out, img, txt, batch, lr, speed) \
+                        if p.step % r.log_every == 0 or p.step == self.total_steps else None
+                    fire("on_step_end", ctx, StepEnd(out, img, txt, batch, lr, row))
+                    if r.checkpoint_every and p.step % r.checkpoint_every == 0 \
+                            and p.step % self.steps_per_epoch and p.step < self.total_steps:
+                        self._save(p.seconds + elapsed)
+                    stop = ctx.stop_reason or ("max_steps" if p.step >= self.total_steps else
+                                               "max_minutes" if elapsed > budget else
+                                               "preempted" if preempted else None)
+                    if self.world.distributed:  # rank 0 decides for all
+                        stop = self.strategy.agree(stop)
+                    if stop:
+                        break
+                if p.step >= (p.epoch + 1) * self.steps_per_epoch:
+                    p.epoch += 1
+                    fire("on_epoch_end", ctx, p.epoch)
+                    self._save(p.seconds + time.perf_counter() - t0)
+                    stop = self.strategy.agree(stop or ctx.stop_reason)
+                    speed.reset()  # evaluation time is not training speed
+            self._save(p.seconds + time.perf_counter() - t0)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+        if stop == "preempted":
+            raise Preempted(f"stopped by SIGTERM at step {p.step}: checkpoint written; "
+                            f"continue with `mmfw run ... --resume`")
+        stopped_by = "epochs" if p.epoch >= r.epochs else stop or "epochs"
+        fire("on_run_end", ctx, stopped_by)
+        return stopped_by
+
+    def _row(self, out: LossOutput, img: torch.Tensor, txt: torch.Tensor, batch: Any,
+             lr: float, speed: Throughput) -> dict[str, Any]:
+        """The train row of this log step, logged (every rank computes it: under
+        ``local_loss`` its loss is averaged across them)."""
+        opt = self.opt
+        row = train_row(step=self.progress.step, epoch=self.progress.epoch, output=out,
+                        image=img, text=txt, batch=batch, lr=lr, samples_per_s=speed.take(),
+                        temperature=self.ctx.temperature(), stats=opt.stats,
+                        stage=opt.plan.index if opt.staged and opt.plan else None,
+                        accumulate=self.recipe.optim.accumulate,
+                        local_loss=self.world.distributed and self.recipe.distributed.local_loss)
+        self.ctx.log(row)
+        return row
+
+    def _save(self, seconds: float) -> None:
+        self.progress.seconds = seconds
+        if self.checkpointer.save():
+            self.callbacks.fire("on_checkpoint_save", self.ctx, self.progress.step)
+
+    def run_step(self, batch: Any) -> Step:
+        """One optimizer step on ``batch`` as ``fit`` takes it: stage plan and LR, forward,
+        backward, update; then ``step`` advances. For loops driven from outside (benchmarks,
+        notebooks); logging, evaluation and the other callbacks' work stay in ``fit``."""
+        p, fire = self.progress, self.callbacks.fire
+        lr = self.opt.begin(p.step, p.epoch)
+        batch = batch.to(self.device)
+        batch.pixels = self.model.prepare_pixels(batch.pixels)  # uint8 from the loader
+        batch = self.mixer(batch, p.step)  # MixUp/CutMix (data.augment)
+        context: dict[str, Any] = {"step": p.step, "epoch": p.epoch}
+        fire("on_batch_start", self.ctx, batch, context)
+        try:
+            out, img, txt = self.step_fn(batch, self.opt.loss, context, self.opt.scale)
+        except NotImplementedError as err:  # e.g. an operator MPS lacks: the backend explains
+            explain = getattr(self.backend, "explain", None)
+            hint = explain(err) if callable(explain) else None
+            if hint:
+                raise MmfwError(hint) from err
+            raise
+        self.opt.finish(p.step + 1, out, clip=self.strategy.clip,
+                        after_backward=lambda: fire("on_after_backward", self.ctx, p.step + 1))
+        p.step += 1
+        return Step(out, img.detach(), txt.detach(), lr)
+
+    def release(self) -> None:
+        """Let go of the process group's users and of the run directory's lock."""
+        self.strategy.release()
+        self.run_dir.unlock()

@@ -1,0 +1,27 @@
+"""The built-in callbacks, registered through the ``mmfw`` entry-point group like any other
+plugin: metrics log, console, diagnostics and the collapse detector, validation, early
+stopping, the final evaluation, plots and the distillation teacher."""
+
+from __future__ import annotations
+
+from mmfw.spi import Factories, hookimpl
+
+from .diagnostics import diagnostics_callback
+from .evaluation import early_stopping, final_evaluation, validation
+from .log import console, metrics_log
+from .plots import plots
+from .teacher import teacher_callback
+
+
+@hookimpl
+def mmfw_callbacks() -> Factories:
+    return {
+        "metrics-log": metrics_log,
+        "console": console,
+        "diagnostics": diagnostics_callback,
+        "validation": validation,
+        "early-stopping": early_stopping,
+        "final-evaluation": final_evaluation,
+        "plots": plots,
+        "teacher": teacher_callback,
+    }
