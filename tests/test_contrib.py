@@ -236,6 +236,7 @@ def test_temperature_is_a_parameter_only_when_learned():
     assert learned.temperature.scale().item() == pytest.approx(20.0)
     with torch.no_grad():
         learned.temperature.log_scale.fill_(10.0)
+    learned.temperature.clamp_()  # as the trainer does after each step
     assert learned.temperature.scale().item() == pytest.approx(100.0)  # clamped to max_scale
 
 

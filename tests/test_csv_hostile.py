@@ -121,7 +121,7 @@ def test_wide_rows_go_through_data_on_bad(tmp_path: Path, on_bad: str) -> None:
     rows = [json.loads(x) for x in (trainer.run_dir / "skipped.jsonl").read_text().splitlines()]
     assert [(r["where"].rsplit("/", 1)[-1], r["reason"]) for r in rows] == [("d.csv:8", TOO_MANY)]
     assert any("skipped 1 bad item(s)" in s for s in said)
-    assert len(trainer.train_split) == 6  # 0.png keeps its good caption
+    assert len(trainer.data.split) == 6  # 0.png keeps its good caption
 
 
 # files that are not UTF-8 --------------------------------------------------------------------

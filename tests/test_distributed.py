@@ -385,12 +385,12 @@ def test_fusion_under_ddp_scores_each_ranks_own_pairs(tmp_path: Path) -> None:
     total, oi, ot = 0.0, 0, 0
     for (i, t, ctx) in halves:
         match = ctx["match"].within(slice(oi, oi + len(i)), slice(ot, ot + len(t)))
-        total = total + one.loss(img, txt, image_ids=iid, text_ids=tid, match=match, step=0,
+        total = total + one.opt.loss(img, txt, image_ids=iid, text_ids=tid, match=match, step=0,
                                  epoch=0).loss / 2
         oi, ot = oi + len(i), ot + len(t)
     total.backward()
     expected = {k: p.grad for k, p in one.model.named_parameters() if p.grad is not None}
-    expected.update({"loss." + k: p.grad for k, p in one.loss_module.named_parameters()
+    expected.update({"loss." + k: p.grad for k, p in one.opt.losses.named_parameters()
                      if p.grad is not None})
     assert any(k.startswith("fusion.") for k in expected)
     for r in ranks:

@@ -52,3 +52,13 @@ def test_core_imports_no_concrete_plugin():
         for pkg in ("mmfw_losses", "mmfw_encoders", "mmfw_data", "mmfw_adapters",
                     "mmfw_backends", "mmfw_schedulers", "timm", "transformers"):
             assert f"import {pkg}" not in text and f"from {pkg}" not in text, (path, pkg)
+
+
+def test_the_kinds_table_of_plugins_md_is_the_hookspecs() -> None:
+    """docs/plugins.md lists every kind with its hook and factory context, as declared."""
+    from mmfw.spi.hookspecs import KINDS
+
+    page = (ROOT / "docs" / "plugins.md").read_text()
+    for k in KINDS.values():
+        ctx = ", ".join(f"`{c}`" for c in k.context) or "—"
+        assert f"| `{k.name}` | `{k.hook}` | {ctx} |" in page, k.name

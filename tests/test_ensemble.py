@@ -165,7 +165,7 @@ def test_ensemble_teacher_embeddings_and_own_inputs(ensemble) -> None:
             collate_fn = Collate(vision.preprocess, text.tokenize, pairs.items)
 
         loader = Loader()
-        teacher.attach(loader, Student(), pairs, say=lambda _: None)
+        loader.collate_fn = teacher.collate(Student(), pairs)(loader.collate_fn)
         assert teacher.own_pixels == [own_pixels] * 3
         assert isinstance(loader.collate_fn, TeacherCollate)
         rows = [pairs[k] for k in (0, 7, 3, 12, 40, 41)]

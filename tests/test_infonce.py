@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -289,7 +290,8 @@ def test_clamp_holds_while_learning_and_tau_below_the_clamp_is_the_clamp() -> No
     loss = infonce(temperature=0.01, max_scale=20.0)  # 1/tau = 100 > 20
     assert loss.temperature.scale().item() == pytest.approx(20.0)
     with torch.no_grad():
-        loss.temperature.log_scale.fill_(50.0)  # as if training pushed it far up
+        loss.temperature.log_scale.fill_(50.0)  # as if a step pushed it far up
+    loss.temperature.clamp_()  # the trainer clamps after each step (CLIP)
     assert loss.temperature.scale().item() == pytest.approx(20.0)
     image, text = _randn(0, 5, 8), _randn(1, 5, 8)
     at_clamp = infonce(temperature=1 / 20.0, max_scale=20.0)(image, text).loss
@@ -300,4 +302,61 @@ def test_clamp_holds_while_learning_and_tau_below_the_clamp_is_the_clamp() -> No
         opt.zero_grad()
         (-loss(image, text).loss).backward()
         opt.step()
+        loss.temperature.clamp_()
         assert loss.temperature.scale().item() <= 20.0 * (1 + 1e-6)
+
+
+# label smoothing --------------------------------------------------------------------------
+
+
+def _torch_clip_loss(image, text, tau, eps, target=None):
+    """CLIP's loss with ``F.cross_entropy(label_smoothing=eps)`` both ways: ``(i2t, t2i)``."""
+    logits = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T / tau
+    if target is None:
+        target = torch.arange(len(image))
+    column_target = torch.empty_like(target)
+    column_target[target] = torch.arange(len(target))  # the image each text belongs to
+    return (F.cross_entropy(logits, target, label_smoothing=eps),
+            F.cross_entropy(logits.T, column_target, label_smoothing=eps))
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.05, 0.1, 0.3])
+@pytest.mark.parametrize(("b", "d", "tau"), [(1, 4, 0.07), (2, 3, 0.5), (5, 8, 0.07),
+                                             (16, 12, 0.2)])
+def test_label_smoothing_is_torch_cross_entropy_label_smoothing(eps, b, d, tau) -> None:
+    """With diagonal positives, each direction is ``F.cross_entropy(label_smoothing=eps)``
+    (target (1 - eps) one-hot + eps / B over all B candidates) and the loss their mean."""
+    image, text = _randn(b, b, d) * 3, _randn(b + 100, b, d)
+    loss = infonce(temperature=tau, learn_temperature=False, label_smoothing=eps)
+    got = loss(image, text)
+    i2t, t2i = _torch_clip_loss(image, text, tau, eps)
+    torch.testing.assert_close(got.terms["i2t"], i2t, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.terms["t2i"], t2i, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.loss, (i2t + t2i) / 2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_label_smoothing_with_unique_ids_follows_the_ids(eps) -> None:
+    """Unique ids in any order: the target of image i is the text with its id."""
+    b, tau = 6, 0.1
+    g = torch.Generator().manual_seed(7)
+    image, text = _randn(3, b, 5), _randn(4, b, 5)
+    image_ids = torch.randperm(b, generator=g) * 3 + 11
+    order = torch.randperm(b, generator=g)
+    text_ids = image_ids[order]  # text j belongs to image order[j]
+    target = torch.empty_like(order)
+    target[order] = torch.arange(b)
+    loss = infonce(temperature=tau, learn_temperature=False, label_smoothing=eps)
+    got = loss(image, text, image_ids=image_ids, text_ids=text_ids)
+    i2t, t2i = _torch_clip_loss(image, text, tau, eps, target)
+    torch.testing.assert_close(got.terms["i2t"], i2t, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.terms["t2i"], t2i, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.loss, (i2t + t2i) / 2, rtol=1e-6, atol=1e-6)
+
+
+def test_label_smoothing_changes_the_loss() -> None:
+    """The option reaches the loss (a smoothed target is not the one-hot one)."""
+    image, text = _randn(0, 4, 6), _randn(1, 4, 6)
+    plain = infonce(temperature=0.1, learn_temperature=False)(image, text).loss
+    smoothed = infonce(temperature=0.1, learn_temperature=False, label_smoothing=0.1)
+    assert abs(smoothed(image, text).loss.item() - plain.item()) > 1e-3

@@ -190,6 +190,243 @@ def test_every_loss_is_registered_with_the_public_option_names():
         assert getattr(make(n).options, key) == value
 
 
+# ---- batches as the engine sends them ---------------------------------------------------------
+#
+# The engine's batch holds each image once and every caption drawn for it, so Bi <= Bt with the
+# image ids a subset of the text ids; a dropped bad item leaves rows whose id matches nothing on
+# the other side (captions without their image, an image without its captions). Every loss in
+# the registry is drawn here except:
+#   itm: it needs the fusion head's ``match(image_rows, text_rows)`` scorer in its context and
+#        draws its negatives at random (torch.multinomial), so its value is no function of the
+#        batch to compare under permutations; only finiteness is checked, with a toy scorer
+#        (test_itm_is_finite_on_engine_batches).
+# distillation needs ``teacher_image`` / ``teacher_text``: ``context`` above builds them from the
+# batch's own rows ([Bi, D] and [Bt, D]), so it is drawn like the others.
+
+#: label -> (loss name, options); infonce is also drawn with label smoothing
+ENGINE_SKIP = {"itm"}
+ENGINE = {n: (n, {}) for n in sorted(set(mmfw.available("loss")) - ENGINE_SKIP)}
+ENGINE["infonce+smoothing"] = ("infonce", {"label_smoothing": 0.1})
+LOSS = "<loss>"  # stands for the total in the tables below
+
+#: terms an added text whose id no image has leaves exactly as they were. The t2i terms are means
+#: over text anchors with a positive, and their candidates are the images: the new text is not
+#: an anchor (no positive) and no candidate (label smoothing spreads over the Bi images only).
+#: Pair terms (mse, invariance, Barlow's whole loss) only see positive pairs; SigLIP's ``pos``
+#: sums positive pairs over Bi, which the text does not change. Left out: decorrelation (ids play
+#: no part: every row enters the covariance), ntxent (the new row is a candidate of every
+#: anchor, both modalities), distillation (the hard part is reported only as the sum of both
+#: directions, and the soft KL covers every row), the i2t terms (the text is a new negative of
+#: every image), vicreg's variance / covariance and simple_contrastive's decor (all rows).
+KEEP_WITH_UNMATCHED_TEXT = {
+    "infonce": ("t2i",), "infonce+smoothing": ("t2i",), "supcon": ("t2i",),
+    "memory_queue": ("t2i",), "hard_negative": ("t2i",), "simple_contrastive": ("t2i", "mse"),
+    "mixture": ("infonce.t2i",), "vicreg": ("invariance",),
+    "barlow_twins": ("on_diag", "off_diag", LOSS), "siglip": ("pos",),
+}
+#: the same for an added image whose id no text has, with the directions exchanged. SigLIP is
+#: left out: it divides by Bi, which the image changes (``pos * Bi`` stays; not asserted).
+KEEP_WITH_UNMATCHED_IMAGE = {
+    "infonce": ("i2t",), "infonce+smoothing": ("i2t",), "supcon": ("i2t",),
+    "memory_queue": ("i2t",), "hard_negative": ("i2t",), "simple_contrastive": ("i2t", "mse"),
+    "mixture": ("infonce.i2t",), "vicreg": ("invariance",),
+    "barlow_twins": ("on_diag", "off_diag", LOSS),
+}
+
+
+def engine_loss(label: str, dim: int):
+    name, options = ENGINE[label]
+    return prepared(name, dim) if name == "memory_queue" else make(name, **options)
+
+
+def engine_run(loss, label, image, text, ids, tids):
+    return run(loss, ENGINE[label][0], image, text, ids, tids)
+
+
+@st.composite
+def engine_batches(draw, max_images=8, max_captions=3, max_unmatched=3, max_d=16, lo=-1.0,
+                   hi=1.0):
+    """``(image, text, image_ids, text_ids)``: unique image ids, 1..``max_captions`` captions
+    per image, then 0..``max_unmatched`` captions of a dropped image (ids no image has, possibly
+    shared) and images whose captions were dropped (ids no text has); rows shuffled on each
+    side. Both sides have at least one row; a batch may have no positive pair at all."""
+    n_matched = draw(st.integers(0, max_images))
+    per_image = draw(st.lists(st.integers(1, max_captions), min_size=n_matched,
+                              max_size=n_matched))
+    dropped = n_matched == 0 or draw(st.booleans())  # clean batches half the time
+    least = 1 if n_matched == 0 else 0
+    lone_texts = draw(st.integers(least, max_unmatched)) if dropped else 0
+    lone_images = draw(st.integers(least, max_unmatched)) if dropped else 0
+    d = draw(st.integers(1, max_d))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    matched = torch.randperm(1000, generator=g)[:n_matched]
+    ids = torch.cat([matched, 2000 + torch.arange(lone_images)])
+    tids = torch.cat([matched.repeat_interleave(torch.tensor(per_image, dtype=torch.long)),
+                      1000 + torch.randint(0, max(lone_texts, 1), (lone_texts,), generator=g)])
+    ids, tids = ids[torch.randperm(len(ids), generator=g)], tids[torch.randperm(len(tids),
+                                                                                  generator=g)]
+
+    def rows(n):
+        x = torch.randn(n, d, generator=g)
+        norms = 10 ** (lo + (hi - lo) * torch.rand(n, 1, generator=g))
+        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12) * norms
+
+    return rows(len(ids)), rows(len(tids)), ids, tids
+
+
+def tight(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("label", sorted(ENGINE))
+@fast
+@given(data=st.data())
+def test_finite_loss_and_gradients_on_engine_batches(label, data):
+    image, text, ids, tids = data.draw(engine_batches(lo=-6.0, hi=6.0))
+    image.requires_grad_(True)
+    text.requires_grad_(True)
+    loss = engine_loss(label, image.shape[1])
+    out = engine_run(loss, label, image, text, ids, tids)
+    assert out.loss.shape == ()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(v).all() for v in out.terms.values())
+    out.loss.backward()
+    assert torch.isfinite(image.grad).all() and torch.isfinite(text.grad).all()
+    for p in loss.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+
+
+@fast
+@given(data=st.data())
+def test_itm_is_finite_on_engine_batches(data):
+    image, text, ids, tids = data.draw(engine_batches(lo=-6.0, hi=6.0))
+    image.requires_grad_(True)
+    text.requires_grad_(True)
+    head = torch.nn.Bilinear(image.shape[1], text.shape[1], 1)
+
+    def match(ri, rt):  # a toy fusion head: one logit per (image row, text row) pair
+        return head(image[ri], text[rt]).squeeze(1)
+
+    with torch.random.fork_rng():  # its negatives are drawn from the global generator
+        torch.manual_seed(0)
+        out = make("itm")(image, text, image_ids=ids, text_ids=tids, match=match)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.terms["accuracy"])
+    out.loss.backward()
+    assert torch.isfinite(image.grad).all() and torch.isfinite(text.grad).all()
+
+
+@pytest.mark.parametrize("label", sorted(ENGINE))
+@fast
+@given(data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_engine_batch_permutation_invariance(label, data, seed):
+    """Image rows permuted with their ids, text rows (independently) with theirs."""
+    image, text, ids, tids = data.draw(engine_batches())
+    g = torch.Generator().manual_seed(seed)
+    p, q = torch.randperm(len(image), generator=g), torch.randperm(len(text), generator=g)
+    loss = engine_loss(label, image.shape[1])
+    a = engine_run(loss, label, image, text, ids, tids)
+    c = engine_run(loss, label, image[p], text[q], ids[p], tids[q])
+    tight(a.loss, c.loss)
+    for k in a.terms:
+        tight(a.terms[k], c.terms[k])
+
+
+@pytest.mark.parametrize("label", sorted(ENGINE))
+@fast
+@given(data=st.data())
+def test_engine_batch_symmetric_under_swapping_modalities(label, data):
+    image, text, ids, tids = data.draw(engine_batches())
+    loss = engine_loss(label, image.shape[1])
+    a = engine_run(loss, label, image, text, ids, tids).loss
+    c = engine_run(loss, label, text, image, tids, ids).loss
+    if label == "siglip":  # sum over all pairs / Bi: the swapped batch divides by Bt
+        a, c = a * len(image), c * len(text)
+    tight(a, c)
+
+
+def with_unmatched(x, x_ids, k, fresh, g, shared):
+    """``x`` with ``k`` new rows whose ids (``fresh`` on) match nothing, rows shuffled."""
+    new_ids = fresh + (torch.randint(0, k, (k,), generator=g) if shared else torch.arange(k))
+    rows = torch.randn(k, x.shape[1], generator=g) * x.norm(dim=1).mean()
+    order = torch.randperm(len(x) + k, generator=g)
+    return torch.cat([x, rows])[order], torch.cat([x_ids, new_ids])[order]
+
+
+def terms_of(out):
+    return {LOSS: out.loss, **out.terms}
+
+
+@pytest.mark.parametrize(("label", "side"), [
+    *((n, "text") for n in sorted(KEEP_WITH_UNMATCHED_TEXT)),
+    *((n, "image") for n in sorted(KEEP_WITH_UNMATCHED_IMAGE))])
+@fast
+@given(data=st.data(), k=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_rows_without_a_positive_leave_the_anchor_means_alone(label, side, data, k, seed):
+    """Adding unmatched rows on one ``side`` leaves the terms that average over anchors with a
+    positive, or over positive pairs, unchanged (tables above say which, and why)."""
+    image, text, ids, tids = data.draw(engine_batches())
+    g = torch.Generator().manual_seed(seed)
+    fresh = int(torch.cat([ids, tids]).max()) + 1
+    loss = engine_loss(label, image.shape[1])
+    before = terms_of(engine_run(loss, label, image, text, ids, tids))
+    if side == "text":  # captions of a dropped image: they may share their id
+        text, tids = with_unmatched(text, tids, k, fresh, g, shared=True)
+        keep = KEEP_WITH_UNMATCHED_TEXT[label]
+    else:  # images whose captions were dropped: one row per image, as the engine batches them
+        image, ids = with_unmatched(image, ids, k, fresh, g, shared=False)
+        keep = KEEP_WITH_UNMATCHED_IMAGE[label]
+    after = terms_of(engine_run(loss, label, image, text, ids, tids))
+    for key in keep:
+        tight(after[key], before[key])
+
+
+def toy_context(name, image, text):
+    if name == "itm":
+        return {"match": lambda ri, rt: (image[ri] * text[rt]).sum(1)}
+    return context(name, image, text)
+
+
+@pytest.mark.parametrize("name", mmfw.available("loss"))
+def test_unequal_batches_without_ids_are_a_value_error(name):
+    """No loss pairs row i with row i except through the contract's rule: with Bi != Bt and no
+    ids (or only one side's ids) the pairing is undefined, which must be a ValueError, not a
+    shape or index error. Decorrelation ignores the pairing and is defined for any Bi, Bt."""
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)
+    loss = make(name)
+    ctx = toy_context(name, image, text)
+    for ids in ({}, {"image_ids": torch.arange(3)}, {"text_ids": torch.arange(5)}):
+        if name == "decorrelation":
+            assert torch.isfinite(loss(image, text, **ids, **ctx).loss)
+        else:
+            with pytest.raises(ValueError, match=r"batches differ|both image_ids"):
+                loss(image, text, **ids, **ctx)
+
+
+def test_supcon_labels_with_unequal_batches():
+    """One labels tensor needs Bi == Bt (it labels both sides): a clear ValueError; a pair of
+    tensors is the multi-caption form, and agrees with the ids form."""
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)
+    li, lt = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1, 2, 7])  # text 4: no image
+    loss = make("supcon")
+    with pytest.raises(ValueError, match="equal batches"):
+        loss(image, text, labels=li)
+    got = loss(image, text, labels=(li, lt))
+    torch.testing.assert_close(got.loss, loss(image, text, image_ids=li, text_ids=lt).loss)
+
+
+def test_distillation_teacher_of_the_wrong_shape_is_a_value_error():
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)
+    ids, tids = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1, 2, 2])
+    loss = make("distillation")
+    with pytest.raises(ValueError, match="teacher similarities"):
+        loss(image, text, image_ids=ids, text_ids=tids, teacher_logits=torch.randn(3, 3))
+    out = loss(image, text, image_ids=ids, text_ids=tids, teacher_logits=torch.randn(3, 5))
+    assert torch.isfinite(out.loss)
+
+
 # ---- memory queue ----------------------------------------------------------------------------
 
 @fast
@@ -543,3 +780,12 @@ def test_memory_queue_matches_reference():
     expected = (side(vl, tl, t0l, IIDS, TIDS) + side(tl, vl, v0l, TIDS, IIDS)) / 2
     check(got, expected)
     assert int(loss.text_queue.count) == 3 + B
+
+
+def test_ids_that_do_not_match_the_rows_are_a_value_error() -> None:
+    """One id per row: a mismatch is named, never a shape or index error."""
+    image, text = torch.randn(3, 8), torch.randn(5, 8)
+    for name in ("infonce", "siglip", "vicreg", "barlow_twins", "supcon"):
+        with pytest.raises(ValueError, match="one id per row"):
+            mmfw.create("loss", name)(image, text, image_ids=torch.arange(4),
+                                      text_ids=torch.arange(5))

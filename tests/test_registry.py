@@ -68,7 +68,7 @@ def test_available_without_kind_is_a_dict_of_every_kind() -> None:
     everything = mmfw.available()
     assert set(everything) == set(KINDS)
     assert set(KINDS) == {"encoder", "adapter", "loss", "sampler", "backend", "scheduler",
-                          "dataset"}
+                          "dataset", "callback"}
     for kind, names in everything.items():
         assert names == mmfw.available(kind)
 

@@ -5,7 +5,7 @@ Public API: :func:`create`, :func:`available`, :func:`load_recipe`, :func:`train
 """
 
 from .config.recipe import Recipe, load_recipe
-from .registry import available, create, register
+from .registry import available, create, make_options, register
 from .run.dispatch import train
 from .run.loaded import LoadedRun, ensemble_members, evaluate, load_run
 from .run.result import RunResult
@@ -32,6 +32,7 @@ __all__ = [
     "hookimpl",
     "load_recipe",
     "load_run",
+    "make_options",
     "register",
     "train",
 ]

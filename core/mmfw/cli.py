@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ import click
 
 from .parallel.distributed import world_from_env
 from .spi.errors import MmfwError, PluginError, RecipeError
+from .spi.trust import ALLOW_ENV
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,8 +38,19 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mmfw")
-def main() -> None:
-    """Train and evaluate image-text dual encoders from TOML recipes."""
+@click.option("--allow-code", is_flag=True,
+              help="Let the recipe (or the run directory's recipe) run code on this machine: "
+              "pipe: shard URLs (shell commands) and trust_remote_code (Python from a model's "
+              f"repository). Refused without it. Same as {ALLOW_ENV}=1; torchrun ranks and "
+              "sweep subprocesses inherit it.")
+def main(allow_code: bool) -> None:
+    """Train and evaluate image-text dual encoders from TOML recipes.
+
+    A recipe is input, not code: values that would run code (a pipe: shard URL, a model's
+    trust_remote_code) are refused unless you pass --allow-code.
+    """
+    if allow_code:
+        os.environ[ALLOW_ENV] = "1"  # inherited by torchrun ranks and sweep subprocesses
 
 
 _set = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

@@ -7,6 +7,9 @@ workers, read sequentially, their pairs shuffled in a buffer and batched in the 
 (``len``), counted from local shards or declared with ``pairs_per_epoch``; each worker yields
 its share and starts its shards again if they run dry, so ranks and workers stay in step.
 
+A ``pipe:`` URL runs a shell command: it is code, refused when the options are validated (before
+any shard is opened) unless code is allowed (``mmfw --allow-code``, see ``mmfw.spi.trust``).
+
 Local, uncompressed shards can instead be indexed (``mode = "indexed"``): member offsets are
 read once and the split is map-style, so every sampler, the image cache and exact mid-epoch
 resume apply. Evaluation splits are always map-style (indexed, or held in memory when remote).
@@ -15,6 +18,8 @@ See docs/data.md for why both exist.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import itertools
 import json
 import math
@@ -24,11 +29,12 @@ import tarfile
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
+from urllib.parse import urlparse
 
 import attrs
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmfw.spi import DataError, Item, Problem, Row, option
+from mmfw.spi import DataError, Item, Problem, Row, option, require_code
 
 from . import images
 from .filesplit import stable_id
@@ -46,12 +52,47 @@ def _wds() -> Any:
     return webdataset
 
 
+def runs_shell(url: str) -> bool:
+    """Whether webdataset's ``gopen`` would open ``url`` through a shell (``pipe:``), after the
+    rewrites it applies itself (``GOPEN_REWRITE``). Other schemes run fixed commands (curl,
+    gsutil, ais) with the URL as an argument, never as shell text."""
+    _wds()
+    gopen = importlib.import_module("webdataset.gopen")  # the package's `gopen` is the function
+    seen = [url]
+    with contextlib.suppress(ValueError):  # webdataset's security mode: no rewrite applies
+        seen.append(gopen.rewrite_url(url))
+    for u in seen:
+        try:
+            scheme = urlparse(u).scheme  # as gopen parses it (lower case, controls dropped)
+        except ValueError:  # gopen cannot parse it either: it opens nothing
+            scheme = ""
+        if u.startswith("pipe:") or gopen.gopen_schemes.get(scheme) is gopen.gopen_pipe:
+            return True
+    return False
+
+
+def check_code(spec: str, key: str) -> None:
+    """Refuse the shell commands among the shards of ``spec`` unless code is allowed."""
+    if not spec:
+        return
+    pipes = [u for u in _wds().shardlists.expand_urls(spec) if u and runs_shell(u)]
+    if pipes:
+        more = f" (and {len(pipes) - 1} more pipe: URLs)" if len(pipes) > 1 else ""
+        require_code(f"shard URL {pipes[0]!r}{more}", key=key, given=pipes[0])
+
+
+def _no_shell(_: object, attribute: attrs.Attribute, value: str) -> None:
+    check_code(value, attribute.name)  # the recipe loader puts it under [data]
+
+
 @attrs.frozen
 class WebDatasetOptions:
     train: str = option("", doc="train shards: paths or URLs, brace notation "
-                        "('data/train-{000000..000099}.tar'); '::' joins lists")
-    val: str = option("", doc="val shards ('': no val split)")
-    test: str = option("", doc="test shards ('': no test split)")
+                        "('data/train-{000000..000099}.tar'); '::' joins lists; a pipe: URL "
+                        "is a shell command, refused without mmfw --allow-code",
+                        validator=_no_shell)
+    val: str = option("", doc="val shards ('': no val split)", validator=_no_shell)
+    test: str = option("", doc="test shards ('': no test split)", validator=_no_shell)
     mode: Literal["stream", "indexed"] = option(
         "stream", doc="train by streaming the shards (any URL), or by indexing local "
         "uncompressed shards into a map-style split (every sampler, the cache, exact resume)")
@@ -88,6 +129,7 @@ def _is_remote(url: str) -> bool:
 
 
 def expand(spec: str, what: str) -> list[str]:
+    check_code(spec, what)  # validated with the options already; again before opening
     urls = _wds().shardlists.expand_urls(spec)
     urls = [u for u in urls if u]
     if not urls:

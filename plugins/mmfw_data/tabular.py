@@ -17,9 +17,7 @@ from typing import Any
 
 import attrs
 
-from mmfw.contracts import Problem
-from mmfw.errors import DataError
-from mmfw.options import close_matches, option
+from mmfw.spi import DataError, Problem, close_matches, option
 
 from .filesplit import FileSplit, group_rows, require_file
 

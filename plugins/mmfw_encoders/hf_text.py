@@ -4,6 +4,11 @@ RoBERTa, DeBERTa-v2/v3, DistilBERT, ...) with its own tokenizer.
 The model is loaded by ``AutoModel.from_pretrained`` (or built from ``AutoConfig`` with random
 weights when ``pretrained = false``), its tokenizer by ``AutoTokenizer``. ``dim`` is the width
 of a real forward pass at construction, so a model's name can never lie about it.
+
+``kwargs.trust_remote_code = true`` runs Python from the model's repository: it is code, refused
+when the options are validated unless code is allowed (``mmfw --allow-code``, see
+``mmfw.spi.trust``). Without it transformers is told ``trust_remote_code=False``, so it never
+asks on the terminal either.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from mmfw.spi import option
+from mmfw.spi import option, require_code
 
 from . import hub
 from .groups import transformer_groups
@@ -25,6 +30,19 @@ from .groups import transformer_groups
 #: pooled features: the first token, the mean of real tokens, or the model's own pooler
 #: (BERT's dense+tanh over [CLS], trained for next-sentence prediction)
 TextPooling = Literal["mean", "cls", "pooler"]
+
+
+def remote_code(options: Any) -> bool:
+    """Whether ``options.kwargs`` asks transformers to run the repository's own code."""
+    return bool(options.kwargs.get("trust_remote_code"))
+
+
+def no_remote_code(instance: Any, _: attrs.Attribute, kwargs: dict[str, Any]) -> None:
+    """Validator of ``kwargs``: ``trust_remote_code`` only where code is allowed."""
+    if kwargs.get("trust_remote_code"):  # transformers takes any true value
+        require_code(f"trust_remote_code for model {instance.model!r}",
+                     key="kwargs.trust_remote_code",  # the recipe loader adds model.<section>
+                     given=kwargs["trust_remote_code"])
 
 
 @attrs.frozen
@@ -39,7 +57,9 @@ class HFTextOptions:
                              "included)", validator=attrs.validators.ge(2))
     kwargs: dict[str, Any] = option(factory=dict, doc="extra keywords for from_pretrained: "
                                     "config overrides (hidden_dropout_prob = 0.0) or loading "
-                                    "options (revision, attn_implementation)")
+                                    "options (revision, attn_implementation); "
+                                    "trust_remote_code = true needs mmfw --allow-code",
+                                    validator=no_remote_code)
 
 
 def clean_text(text: object) -> str:
@@ -59,13 +79,19 @@ def load_model(source: hub.Source, encoder: str, pretrained: bool, kwargs: dict[
     Weights load as float32 unless ``kwargs`` asks otherwise: transformers v5 would keep a
     checkpoint's half precision, and training wants float32 masters (autocast does the rest).
     """
+    trust = kwargs.get("trust_remote_code")
+    if trust:  # validated with the options already; again before transformers sees it
+        section = {"hf-text": "text", "hf-vision": "vision"}.get(encoder, encoder)
+        require_code(f"trust_remote_code for model {source.model!r}",
+                     key=f"model.{section}.kwargs.trust_remote_code", given=trust)
     from transformers import AutoConfig, AutoModel  # heavy: imported when a model is built
 
+    kwargs = {**kwargs, "trust_remote_code": bool(trust)}
     if pretrained:
         kwargs = {"dtype": torch.float32, **kwargs}
         return hub.load(source, AutoModel.from_pretrained, encoder, "model", **kwargs)
     config = hub.load(source, AutoConfig.from_pretrained, encoder, "config", **kwargs)
-    return AutoModel.from_config(config)
+    return AutoModel.from_config(config, trust_remote_code=bool(trust))
 
 
 def drop_pooler(model: nn.Module) -> None:
@@ -92,7 +118,7 @@ class HFText(nn.Module):
         o = self.options = options
         self.source = hub.resolve(o.model, "hf-text")
         self.tokenizer = hub.load(self.source, AutoTokenizer.from_pretrained, "hf-text",
-                                  "tokenizer")
+                                  "tokenizer", trust_remote_code=remote_code(o))
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise ValueError(f"the tokenizer of {o.model!r} has no padding token")

@@ -4,6 +4,9 @@ local folder, with the preprocessing values of their own image processor.
 The processor's size, crop, resampling, mean and std are read once and applied with
 torchvision ops (``images.Pipeline``): calling the processor per image would cost a Python
 round trip per item in every DataLoader batch.
+
+``kwargs.trust_remote_code = true`` is code, refused unless allowed (``mmfw --allow-code``);
+see ``hf_text``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from mmfw.spi import option
 
 from . import hub
 from .groups import transformer_groups
-from .hf_text import check_width, drop_pooler, load_model
+from .hf_text import check_width, drop_pooler, load_model, no_remote_code, remote_code
 from .images import Pipeline
 
 #: 'cls': the class token; 'mean': mean of the patch tokens (class/distillation/register
@@ -36,7 +39,9 @@ class HFVisionOptions:
     pooling: VisionPooling = option("cls", doc="'cls' token, 'mean' of patch tokens, or the "
                                     "model's 'pooler' output")
     kwargs: dict[str, Any] = option(factory=dict, doc="extra keywords for from_pretrained "
-                                    "(config overrides such as drop_path_rate, or revision)")
+                                    "(config overrides such as drop_path_rate, or revision); "
+                                    "trust_remote_code = true needs mmfw --allow-code",
+                                    validator=no_remote_code)
 
 
 def _field(obj: Any, key: str) -> Any:
@@ -88,7 +93,7 @@ class HFVision(nn.Module):
         o = self.options = options
         self.source = hub.resolve(o.model, "hf-vision")
         processor = hub.load(self.source, AutoImageProcessor.from_pretrained, "hf-vision",
-                             "image processor")
+                             "image processor", trust_remote_code=remote_code(o))
         self.pipeline = pipeline_of(processor)
         self.model = load_model(self.source, "hf-vision", o.pretrained, o.kwargs)
         if o.pooling == "pooler":

@@ -10,7 +10,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from mmfw import registry
+import mmfw
 from mmfw.spi import LossOutput, PluginError, RecipeError, option
 
 
@@ -38,7 +38,7 @@ def _validate_terms(instance: Any, attribute: Any, terms: tuple) -> None:
     for i, term in enumerate(terms):
         name, _, opts = split_term(i, term)
         try:
-            registry.make_options("loss", name, opts)
+            mmfw.make_options("loss", name, opts)
         except PluginError as err:
             raise RecipeError(str(err), key=f"terms[{i}].name", given=name) from None
         except RecipeError as err:
@@ -79,7 +79,7 @@ class Mixture(nn.Module):
         self.labels = [name if counts[name] == 1 else f"{name}[{k}]"
                        for k, (name, _, _) in enumerate(specs)]
         self.weights = [w for _, w, _ in specs]
-        self.losses = nn.ModuleList(registry.create("loss", name, **opts)
+        self.losses = nn.ModuleList(mmfw.create("loss", name, **opts)
                                     for name, _, opts in specs)
 
     @property

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from mmfw import registry
+import mmfw
 from mmfw.spi import PluginError, RecipeError, StagePlan, option
 
 from .lr import warmup_cosine
@@ -31,7 +31,7 @@ def _check_loss(instance: Any, attribute: Any, value: str | dict) -> None:
         return
     name, opts = loss_spec(value)
     try:
-        registry.make_options("loss", name, opts)
+        mmfw.make_options("loss", name, opts)
     except PluginError as err:
         raise RecipeError(str(err), key="loss.name", given=name) from None
     except RecipeError as err:

@@ -10,7 +10,6 @@ loader raises or logs). Nothing is dropped silently.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,51 +20,92 @@ from torch.utils.data import DataLoader
 
 from ..config.recipe import Recipe
 from ..registry import create
+from ..run.jsonl import append_jsonl, read_jsonl, rewrite_jsonl
+from ..run.rundir import SKIPPED_JSONL
 from ..spi.contracts import Item, Problem
 from ..spi.errors import DataError, RecipeError
 from .augment import TrainAugment, as_uint8, encoder_input_size
 from .batching import Batch, Collate, Pairs
 from .imagecache import ImageCache, cache_key
 
-SKIPPED = "skipped.jsonl"
+SKIPPED = SKIPPED_JSONL  # the name this module used to export
 #: problems listed in the error that stops a run (the rest are counted)
 SHOWN = 10
 
 
 class BadData:
-    """``data.on_bad`` applied to problems found by the scan, in training and in evaluation."""
+    """``data.on_bad`` applied to problems found by the scan, in training and in evaluation.
 
-    def __init__(self, policy: str, run_dir: Path, say: Callable[[str], None]) -> None:
-        self.policy, self.say = policy, say
-        self.log = Path(run_dir) / SKIPPED
-        self._started = False
+    ``main``: whether this process writes ``skipped.jsonl`` (rank 0 of a distributed run; the
+    other ranks skip the same items and write nothing). ``run_dir`` None: nothing is written
+    (evaluating a run directory that is not writable). ``evaluating``: made for ``mmfw eval``,
+    where every row is ``when = "eval"`` and the rows training wrote are left alone.
+    ``step``: set by the trainer to read its optimizer step; each row written while training
+    then carries the step it was skipped in, so that a resume can drop the rows after its
+    checkpoint (:meth:`truncate`).
+    """
+
+    def __init__(self, policy: str, run_dir: Path | None, say: Callable[[str], None], *,
+                 main: bool = True, evaluating: bool = False) -> None:
+        self.policy, self.say, self.main, self.evaluating = policy, say, main, evaluating
+        self.log: Path | None = Path(run_dir) / SKIPPED_JSONL if run_dir is not None else None
+        self.step: Callable[[], int] | None = None
+        self._started = evaluating  # evaluation never rewrites what training logged
+
+    @property
+    def _writes(self) -> bool:
+        return self.main and self.log is not None
+
+    def _logged(self, each: bool = False) -> str:
+        if self.log is None:
+            return "not logged: the run directory is not writable"
+        return f"each is listed in {self.log}" if each else f"logged to {self.log}"
+
+    def _keep_old(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A resumed run scans again: the earlier scan's rows give way to the new ones."""
+        return [r for r in rows if self._started or r.get("when") != "scan"]
 
     def _write(self, rows: Sequence[dict[str, Any]]) -> None:
+        if not self._writes or self.log is None:
+            return
         if not self._started:  # a resumed run: keep what earlier training skipped
-            old = self.log.read_text().splitlines() if self.log.is_file() else []
-            keep = [ln for ln in old if ln.strip() and json.loads(ln).get("when") != "scan"]
-            self.log.write_text("".join(ln + "\n" for ln in keep))
+            if self.log.is_file():
+                rewrite_jsonl(self.log, self._keep_old(read_jsonl(self.log, self.say)))
             self._started = True
-        with open(self.log, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        append_jsonl(self.log, rows)
+
+    def truncate(self, step: int) -> None:
+        """On resume from checkpoint ``step``: drop the rows written while training after it
+        (that part of training runs again and logs them again), keep scan and eval rows."""
+        if self._writes and self.log is not None and self.log.is_file():
+            rows = self._keep_old(read_jsonl(self.log, self.say))
+            rewrite_jsonl(self.log, [r for r in rows
+                                     if r.get("when") != "train" or r.get("step", 0) <= step])
+        self._started = True
 
     def scan(self, split: str, problems: Sequence[Problem]) -> list[int]:
         """Indices of the items to leave out; raises in ``"error"`` mode."""
         if not problems:
             return []
+        before = "evaluating" if self.evaluating else "training"
         if self.policy == "error":
             shown = "\n".join(f"  {p.where}: {p.reason}" for p in problems[:SHOWN])
             more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+            how = ("data.on_bad = \"skip\" (`mmfw eval ... --data on_bad=skip`)"
+                   if self.evaluating else "data.on_bad = \"skip\"")
+            logged = f" (each is then logged to {self.log})" if self.log is not None else ""
             raise DataError(
                 f"bad data in the '{split}' split: {len(problems)} problem(s), found before "
-                f"training:\n{shown}{more}\nFix or remove them, or set data.on_bad = \"skip\" "
-                f"to leave them out (each is then logged to {self.log})")
-        self._write([{"when": "scan", "split": split, "where": p.where, "reason": p.reason,
+                f"{before}:\n{shown}{more}\nFix or remove them, or set {how} to leave them "
+                f"out{logged}")
+        when = "eval" if self.evaluating else "scan"
+        self._write([{"when": when, "split": split, "where": p.where, "reason": p.reason,
                       "item": p.index} for p in problems])
         bad = sorted({p.index for p in problems if p.index is not None})
+        named = "".join(f"\n  {p.where}: {p.reason}" for p in problems[:SHOWN]) \
+            if self.evaluating else ""
         self.say(f"data: skipped {len(problems)} bad item(s) of the '{split}' split "
-                 f"(data.on_bad = \"skip\"; each is listed in {self.log})")
+                 f"(data.on_bad = \"skip\"; {self._logged(each=True)}){named}")
         return bad
 
     def training(self, split: str, problems: Sequence[Problem]) -> None:
@@ -74,20 +114,24 @@ class BadData:
             raise DataError(f"bad data while training on the '{split}' split: {p.where}: "
                             f"{p.reason}\nSet data.on_bad = \"skip\" to leave such items out "
                             f"(each is then logged to {self.log})")
+        extra = {"step": self.step() + 1} if self.step is not None else {}
         self._write([{"when": "train", "split": split, "where": p.where, "reason": p.reason,
-                      "item": p.index} for p in problems])
+                      "item": p.index, **extra} for p in problems])
         for p in problems:
-            self.say(f"data: skipped {p.where} while training ({p.reason}; logged to "
-                     f"{self.log})")
+            self.say(f"data: skipped {p.where} while training ({p.reason}; "
+                     f"{self._logged()})")
 
     def evaluation(self, split: str, problem: Problem) -> None:
         if self.policy == "error":
+            how = " (`mmfw eval ... --data on_bad=skip`)" if self.evaluating else ""
             raise DataError(f"bad data while evaluating the '{split}' split: {problem.where}: "
-                            f"{problem.reason}\nSet data.on_bad = \"skip\" to go on without it")
+                            f"{problem.reason}\nSet data.on_bad = \"skip\"{how} to go on "
+                            "without it")
         self._write([{"when": "eval", "split": split, "where": problem.where,
                       "reason": problem.reason, "item": problem.index}])
         self.say(f"data: {problem.where} failed to load while evaluating '{split}' "
-                 f"({problem.reason}); a blank image stands in for it (logged to {self.log})")
+                 f"({problem.reason}); a blank image stands in for it "
+                 f"({self._logged()})")
 
 
 class Prepared:
@@ -132,10 +176,10 @@ class Prepared:
             return Item(torch.zeros(3, *size, dtype=torch.uint8), self.split.captions(j), -1)
         if self.cache is None:
             return item
-        from torchvision.transforms.v2 import functional as TF
-
         image = as_uint8(item.image)
         if tuple(image.shape[-2:]) != self.cache.size:
+            from torchvision.transforms.v2 import functional as TF
+
             image = TF.resize(image, list(self.cache.size), antialias=True)
         image = image.contiguous()
         self.cache.put(i, image, int(item.image_id))
@@ -227,7 +271,7 @@ class TrainingData:
         t0 = time.perf_counter()
         r, d = recipe, recipe.data
         self.recipe, self.say, self.rank, self.world_size = r, say, rank, world_size
-        self.policy = BadData(d.on_bad, run_dir, say)
+        self.policy = BadData(d.on_bad, run_dir, say, main=rank == 0)
         self.source = CheckedSource(create("dataset", d.dataset.name, options=d.dataset.options),
                                     r, self.policy)
         if d.train_split not in self.source.splits:

@@ -7,15 +7,22 @@ are filled; a row is flagged only after it is written, so a killed run leaves no
 The file name holds a digest of the dataset, its options, the split and the size: change any of
 them and a new file is made. Files changed on disk under the same names are not noticed:
 delete the cache folder then.
+
+The files are made at full size on disk (``posix_fallocate``, or zeros written), so a full disk
+is a :class:`DataError` when the cache is made, never a SIGBUS in a worker writing the map
+later; processes making the same cache at once each succeed and share one set of files.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -29,7 +36,15 @@ def cache_key(*parts: Any) -> str:
 
 
 class ImageCache:
-    """``n`` uint8 images of ``size`` in ``directory/<key>.u8`` (+ ``.filled``, ``.ids``)."""
+    """``n`` uint8 images of ``size`` in ``directory/<key>.u8`` (+ ``.filled``, ``.ids``, and
+    ``.ok``, the marker written once the three are complete).
+
+    Several processes may make the same cache at once (the ranks of a torchrun job, sweep
+    jobs sharing a folder): each writes its files under a name of its own, preallocated at
+    full size, and hard-links them into place, which never replaces a file already there, so
+    whoever is first wins and the others open that one. A file under its final name is always
+    whole; ``.filled`` is placed last, so when it is there the other two are too.
+    """
 
     def __init__(self, directory: str | Path, key: str, n: int, size: tuple[int, int]) -> None:
         self.dir = Path(directory).expanduser()
@@ -38,6 +53,7 @@ class ImageCache:
         self.pixels_path = self.dir / f"{key}.u8"
         self.flags_path = self.dir / f"{key}.filled"
         self.ids_path = self.dir / f"{key}.ids"
+        self.marker_path = self.dir / f"{key}.ok"
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._create()
 
@@ -45,25 +61,92 @@ class ImageCache:
     def nbytes(self) -> int:
         return self.n * 3 * self.size[0] * self.size[1]
 
+    def _files(self) -> tuple[tuple[Path, int], ...]:
+        """Each file and its size in bytes, in the order they are placed (flags last)."""
+        return ((self.pixels_path, self.nbytes), (self.ids_path, self.n * 8),
+                (self.flags_path, self.n))
+
+    def _marker(self) -> str:
+        return json.dumps({"n": self.n, "size": list(self.size), "bytes": self.nbytes})
+
     def _create(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if self.pixels_path.is_file() and self.flags_path.is_file() and self.ids_path.is_file():
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(f"cannot make the image cache folder {self.dir} "
+                            f"({err.strerror or err}): choose another data.cache folder or "
+                            "turn the cache off (data.cache = \"\")") from None
+        if self.marker_path.is_file():
+            self._check(complete=True)
             return
-        free = shutil.disk_usage(self.dir).free
-        if self.nbytes > free:
-            raise DataError(f"image cache for {self.n} images at {self.size[0]}x{self.size[1]} "
-                            f"needs {self.nbytes / 2**30:.1f} GiB in {self.dir}, which has "
-                            f"{free / 2**30:.1f} GiB free: choose another data.cache folder or "
-                            "turn the cache off (data.cache = \"\")")
-        for path, dtype, shape in ((self.pixels_path, np.uint8, (self.n, 3, *self.size)),
-                                   (self.ids_path, np.int64, (self.n,)),
-                                   (self.flags_path, np.uint8, (self.n,))):
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            if self.n:
-                np.memmap(tmp, dtype=dtype, mode="w+", shape=shape).flush()  # sparse zeros
-            else:
-                tmp.write_bytes(b"")
-            tmp.replace(path)
+        present = [path.is_file() for path, _ in self._files()]
+        if present[2] and not all(present):  # flags are placed last: the others were lost
+            self._damaged("files are missing")
+        if not all(present):
+            free = shutil.disk_usage(self.dir).free
+            if self.nbytes > free:
+                raise DataError(f"image cache for {self.n} images at {self.size[0]}x"
+                                f"{self.size[1]} needs {self.nbytes / 2**30:.1f} GiB in "
+                                f"{self.dir}, which has {free / 2**30:.1f} GiB free: choose "
+                                "another data.cache folder or turn the cache off "
+                                "(data.cache = \"\")")
+            for path, nbytes in self._files():
+                if not path.is_file():
+                    self._place(path, nbytes)
+        self._check(complete=False)
+        tmp = self._tmp(self.marker_path)
+        try:
+            tmp.write_text(self._marker(), encoding="utf-8")
+            os.replace(tmp, self.marker_path)  # the same text whoever writes it
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise self._disk_error(err) from None
+
+    def _tmp(self, path: Path) -> Path:
+        return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+    def _place(self, path: Path, nbytes: int) -> None:
+        """Make ``path`` full of zeros, or find that another process made it first."""
+        tmp = self._tmp(path)
+        try:
+            with open(tmp, "xb") as f:
+                _preallocate(f.fileno(), nbytes)
+            try:
+                os.link(tmp, path)  # atomic and never replaces: the first one wins
+            except FileExistsError:
+                pass  # someone else made it first: theirs is used
+            except OSError:  # a file system without hard links
+                if not path.exists():
+                    os.replace(tmp, path)
+        except OSError as err:
+            raise self._disk_error(err) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _disk_error(self, err: OSError) -> DataError:
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        why = "the disk is full" if full else (err.strerror or str(err))
+        return DataError(f"cannot make the image cache in {self.dir} ({why}; it needs "
+                         f"{self.nbytes / 2**30:.2f} GiB for {self.n} images at "
+                         f"{self.size[0]}x{self.size[1]}): free space there, choose another "
+                         "data.cache folder or turn the cache off (data.cache = \"\")")
+
+    def _check(self, *, complete: bool) -> None:
+        """Every file is there at its full size (and the marker matches) before use."""
+        if complete and self.marker_path.read_text(encoding="utf-8").strip() != self._marker():
+            self._damaged(f"{self.marker_path.name} does not match")
+        for path, nbytes in self._files():
+            try:
+                got = path.stat().st_size
+            except FileNotFoundError:
+                self._damaged(f"{path.name} is missing")
+            if got != nbytes:
+                self._damaged(f"{path.name} is {got} bytes, not {nbytes}")
+
+    def _damaged(self, why: str) -> NoReturn:
+        raise DataError(f"the image cache {self.dir / self.key}.* is incomplete or damaged "
+                        f"({why}): delete {self.key}.* in {self.dir} (or the whole folder) "
+                        "and it is made again")
 
     def _open(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._arrays is None:
@@ -95,3 +178,22 @@ class ImageCache:
 
     def filled(self) -> int:
         return int(np.count_nonzero(self._open()[2])) if self.n else 0
+
+
+def _preallocate(fd: int, nbytes: int) -> None:
+    """Reserve ``nbytes`` of disk for the file now, so a full disk is an error here and not a
+    SIGBUS in whichever worker first writes a page of the memory map."""
+    if nbytes <= 0:
+        return
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is not None:
+        try:
+            fallocate(fd, 0, nbytes)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+    chunk = bytes(min(nbytes, 1 << 20))
+    left = nbytes
+    while left:
+        left -= os.write(fd, chunk[:left])

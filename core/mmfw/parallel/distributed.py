@@ -129,19 +129,35 @@ def gather(x: Tensor) -> Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
 
+#: how long ranks wait for rank 0's own work (validation, the final evaluation, plots): not
+#: ``distributed.timeout_minutes``, which bounds the collectives of training steps, since an
+#: evaluation of a large split may take far longer than any step
+RANK0_WORK_TIMEOUT = timedelta(days=1)
+_waiting: list[Any] = []  # the gloo group those waits use, made at first need
+
+
+def _wait_group() -> Any:
+    if not _waiting:
+        _waiting.append(dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT))
+    return _waiting[0]
+
+
 def barrier() -> None:
+    """Wait for every rank, however long rank 0's own work (evaluation, plots) takes."""
     if active():
-        dist.barrier()
+        dist.barrier(group=_wait_group())
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s ``obj`` on every rank; waits as long as :func:`barrier`."""
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_wait_group())
     return box[0]
 
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        _waiting.clear()
         dist.destroy_process_group()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import attrs
 import torch
 
 from ..config.recipe import Recipe, apply_overrides, from_dict, read_toml
+from ..data.datasource import BadData, CheckedSource
 from ..eval.retrieval import evaluate_ensemble, evaluate_split
 from ..model import DualEncoder, build_model
 from ..registry import create
@@ -71,14 +74,21 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu",
 
 def evaluate(run: str | Path | LoadedRun | Sequence[str | Path | LoadedRun], *,
              split: str | None = None, data: Iterable[str] = (), batch_size: int | None = None,
-             device: str | torch.device = "cpu") -> dict[str, float]:
+             device: str | torch.device = "cpu",
+             console: Callable[[str], None] | None = None) -> dict[str, float]:
     """Recall@1/5/10 both ways and rsum of a run on a split of its dataset.
 
     ``data`` overrides keys of the run's ``[data]`` section (``"annotations=/x.json"``), so the
     same model can be evaluated on another copy or another dataset. Several runs (or an
     ensemble directory) are evaluated as an ensemble: their cosine similarities are averaged
     (seed 000 §5), each model embedding with its own preprocessing, on the first run's data.
+
+    Bad data follows the recipe's ``data.on_bad``, as in training (override it with
+    ``data=["on_bad=skip"]``): ``"error"`` raises a DataError naming the items; ``"skip"``
+    leaves them out, says so through ``console`` (default: stderr) and lists each in the run
+    directory's ``skipped.jsonl`` (``when = "eval"``) when it is writable (a single run only).
     """
+    say = console if console is not None else (lambda s: print(s, file=sys.stderr, flush=True))
     if isinstance(run, (str, Path)) and (members := ensemble_members(run)) is not None:
         run = members
     if not isinstance(run, (str, Path, LoadedRun)):
@@ -90,30 +100,35 @@ def evaluate(run: str | Path | LoadedRun | Sequence[str | Path | LoadedRun], *,
         if not runs:
             raise MmfwError("evaluate() needs at least one run directory")
         if len(runs) > 1:
-            return _evaluate(runs, split, data, batch_size, device)
+            return _evaluate(runs, split, data, batch_size, device, say)
         run = runs[0]
     loaded = run if isinstance(run, LoadedRun) else load_run(run, device=device)
-    return _evaluate([loaded], split, data, batch_size, device)
+    return _evaluate([loaded], split, data, batch_size, device, say)
 
 
 def _evaluate(runs: list[LoadedRun], split: str | None, data: Iterable[str],
-              batch_size: int | None, device: str | torch.device) -> dict[str, float]:
+              batch_size: int | None, device: str | torch.device,
+              say: Callable[[str], None]) -> dict[str, float]:
     loaded = runs[0]
     recipe = loaded.recipe
     if data:
         raw = apply_overrides(recipe.to_dict(), [f"data.{d}" for d in data])
         recipe = from_dict(raw, "--data")
-    source = create("dataset", recipe.data.dataset.name, options=recipe.data.dataset.options)
+    raw_source = create("dataset", recipe.data.dataset.name,
+                        options=recipe.data.dataset.options)
     name = split or recipe.eval.split
-    if name not in source.splits:
+    if name not in raw_source.splits:
         raise MmfwError(f"dataset '{recipe.data.dataset.name}' has no split '{name}' "
-                        f"(it has {', '.join(source.splits)})")
+                        f"(it has {', '.join(raw_source.splits)})")
+    log_dir = loaded.run_dir if len(runs) == 1 and os.access(loaded.run_dir, os.W_OK) else None
+    policy = BadData(recipe.data.on_bad, log_dir, say, evaluating=True)
+    checked = CheckedSource(raw_source, recipe, policy).split(name)  # scanned, as in training
     kwargs = dict(batch_size=batch_size or recipe.eval.batch_size, device=device,
                   max_images=recipe.eval.max_images)
     if len(runs) == 1:
-        return evaluate_split(loaded.model, source.split(name),
-                              rerank_top_k=recipe.eval.rerank_top_k, **kwargs)
-    return evaluate_ensemble([r.model for r in runs], source.split(name), **kwargs)
+        return evaluate_split(loaded.model, checked, rerank_top_k=recipe.eval.rerank_top_k,
+                              **kwargs)
+    return evaluate_ensemble([r.model for r in runs], checked, **kwargs)
 
 
 __all__ = ["ENSEMBLE_FILE", "LoadedRun", "ensemble_members", "evaluate", "load_run"]

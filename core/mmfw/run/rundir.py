@@ -216,12 +216,13 @@ class RunDir:
 
     def truncate(self, step: int, warn: Callable[[str], None] | None = None,
                  names: tuple[str, ...] = (METRICS_JSONL, WARNINGS_JSONL)) -> None:
-        """Drop the rows a killed run logged after checkpoint ``step`` (and a torn line)."""
+        """Drop the rows a killed run logged after checkpoint ``step`` (and a torn line), and
+        a final evaluation's: it came after its checkpoint, and the resumed run makes its own."""
         for name in names:
             path = self.path / name
             if path.is_file():
                 rewrite_jsonl(path, [r for r in read_jsonl(path, warn)
-                                     if r.get("step", 0) <= step])
+                                     if r.get("step", 0) <= step and not r.get("final")])
 
     def write_metrics(self, metrics: dict[str, float]) -> None:
         atomic_text(self.metrics_file, json.dumps(metrics, indent=2))

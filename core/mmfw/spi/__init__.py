@@ -12,7 +12,7 @@
 Built-in plugins import only this package and the public ``mmfw`` API, like any other.
 """
 
-from . import capabilities, contracts, contrastive, hookspecs, options, pairing
+from . import capabilities, contracts, contrastive, hookspecs, options, pairing, trust
 from .capabilities import Stateful
 from .context import RunContext, StepEnd
 from .contracts import (
@@ -44,8 +44,10 @@ from .hookspecs import EVENTS, Callback, Factories, hookimpl
 from .options import Override, build, close_matches, describe, option
 from .pairing import anchor_share, match_ids, pair_indices, positives
 from .temperature import Temperature
+from .trust import ALLOW_ENV, code_allowed, require_code
 
 __all__ = [
+    "ALLOW_ENV",
     "EVENTS",
     "EXCLUDED",
     "Backend",
@@ -78,6 +80,7 @@ __all__ = [
     "build",
     "capabilities",
     "close_matches",
+    "code_allowed",
     "contracts",
     "contrastive",
     "describe",
@@ -92,6 +95,8 @@ __all__ = [
     "pair_indices",
     "pairing",
     "positives",
+    "require_code",
     "soft_cross_entropy",
     "temperature_option",
+    "trust",
 ]

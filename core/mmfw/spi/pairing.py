@@ -17,6 +17,9 @@ def match_ids(bi: int, bt: int, image_ids: Tensor | None, text_ids: Tensor | Non
         return index, index
     if image_ids is None or text_ids is None:
         raise ValueError("pass both image_ids and text_ids, or neither")
+    if image_ids.numel() != bi or text_ids.numel() != bt:
+        raise ValueError(f"{image_ids.numel()} image ids for {bi} image rows and "
+                         f"{text_ids.numel()} text ids for {bt} text rows: one id per row")
     return image_ids.to(device).view(-1), text_ids.to(device).view(-1)
 
 

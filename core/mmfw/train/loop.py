@@ -17,24 +17,23 @@ from typing import Any, NamedTuple
 import attrs
 import torch
 
-from ..config.recipe import Recipe, load_recipe
+from ..config.recipe import Recipe
 from ..data.augment import Mixer
 from ..data.datasource import TrainingData
 from ..model import DualEncoder, build_model
 from ..parallel import distributed
 from ..parallel.strategy import strategy_for
 from ..registry import create
-from ..run import checkpoint as ckpt
-from ..run.resume import RESUMABLE_CHANGES, recipe_changes
 from ..run.rundir import RunDir
 from ..spi.context import StepEnd
 from ..spi.contracts import LossOutput
-from ..spi.errors import MmfwError, RecipeError, ResumeError
+from ..spi.errors import MmfwError, RecipeError
 from .callbacks import Callbacks
 from .checkpointer import Checkpointer, Progress
 from .context import TrainerContext
 from .optimisation import Optimisation
 from .rows import Throughput, train_row
+from .setup import check_parts, claim, prepare_assets
 from .step import ContrastiveStep
 
 
@@ -86,7 +85,8 @@ class Trainer:
 
     def _build(self, resume: bool, overwrite: bool) -> None:
         r = self.recipe
-        start = self._claim(resume, overwrite)
+        start = claim(self.run_dir, r, self.world, self.strategy, self.say, resume=resume,
+                      overwrite=overwrite)
         self.backend.seed(r.run.seed)
 
         w = self.world.world_size  # each rank's sampler makes batch_size / w of a step
@@ -99,7 +99,8 @@ class Trainer:
         self.data = TrainingData(local, self.run_dir.path, self.say, rank=self.world.rank,
                                  world_size=w)
         self.model: DualEncoder = build_model(r.model)
-        self._assets(start)
+        prepare_assets(self.model, self.run_dir, self.data.pairs, self.world, self.strategy,
+                       resumed=bool(start))
         loss = create("loss", r.loss.name, options=r.loss.options).to(self.device)
         self.model.to(self.device)
         self.strategy.setup(self.model, self.say)
@@ -119,7 +120,7 @@ class Trainer:
                                 total_steps=self.total_steps,
                                 steps_per_epoch=self.steps_per_epoch, say=self.say)
         self.callbacks = Callbacks.build(r)
-        self._check_parts()
+        check_parts(r, self.opt, self.callbacks, self.strategy)
         if callable(getattr(self.backend, "prepare", None)):
             self.backend.prepare(self.model)  # memory format, torch.compile
         self.step_fn = ContrastiveStep(self.model, self.opt.losses, self.strategy,
@@ -146,64 +147,6 @@ class Trainer:
     @property
     def epoch(self) -> int:
         return self.progress.epoch
-
-    def _claim(self, resume: bool, overwrite: bool) -> int | None:
-        """Lock and check the run directory (rank 0); the checkpoint to resume from."""
-        d, start = self.run_dir, None
-        if self.world.is_main:
-            d.claim(resume=resume, overwrite=overwrite)
-        if resume:
-            if self.world.is_main:
-                ckpt.clean(d.checkpoints)
-            start = ckpt.latest_intact(d.checkpoints, self.say)
-            if start is None:
-                raise ResumeError(f"nothing to resume in {d}: no checkpoint found (run "
-                                  "without --resume to start it)")
-            changes = recipe_changes(load_recipe(d.recipe_file), self.recipe,
-                                     RESUMABLE_CHANGES)
-            if changes:
-                raise ResumeError(
-                    f"the recipe differs from the one {d} was started with, in more than run "
-                    "length:\n  " + "\n  ".join(changes[:10]) + "\nResume with the original "
-                    "recipe, or start a new run (--set run.name=...)")
-        self.strategy.barrier()  # every rank has looked before rank 0 writes
-        if self.world.is_main:
-            d.write_recipe(self.recipe.to_toml())
-        self.strategy.barrier()
-        return start
-
-    def _assets(self, start: int | None) -> None:
-        """Encoders' files (a tokenizer fitted on the training captions): made by rank 0 at
-        the start, read back by the other ranks and on resume."""
-        if start:
-            self.model.load_assets(self.run_dir.path)
-            return
-        if self.world.is_main:
-            for enc in (self.model.vision, self.model.text):
-                if callable(getattr(enc, "prepare", None)):
-                    enc.prepare(self.data.pairs.texts())
-            self.model.save_assets(self.run_dir.path)
-        self.strategy.barrier()
-        if not self.world.is_main:  # the same tokenizer on every rank: rank 0's
-            self.model.load_assets(self.run_dir.path)
-
-    def _check_parts(self) -> None:
-        """What the losses need of callbacks and of [distributed], checked before step 1."""
-        provided = self.callbacks.provides()
-        for name, loss in self.opt.all_losses().items():
-            needs = getattr(loss, "requires_context", None) or {}
-            missing = {k: v for k, v in needs.items() if k not in provided}
-            if missing:
-                key = next(iter(missing.values()))
-                raise RecipeError(f"loss '{name}' needs {', '.join(missing)} in its context, "
-                                  "which no callback of this run provides", key=key,
-                                  expected=f"{key} set (it switches on what provides them)")
-        if self.world.distributed and self.recipe.distributed.local_loss:
-            self.opt.check_local_loss()
-        if self.strategy.sharded and self.opt.scaler is not None:
-            raise RecipeError("FSDP runs take bf16 or fp32, not fp16 with a GradScaler",
-                              key="backend.precision", expected='"bf16" or "fp32"',
-                              given="fp16")
 
     def fit(self) -> str:
         """Train until epochs, max_steps or max_minutes (or a callback's stop); returns why."""
