@@ -499,7 +499,8 @@ def test_webdataset_bad_samples_scanned_and_skipped(tmp_path: Path) -> None:
     assert all(r.problem is None for r in rows) and len(rows) == 10
 
 
-def test_webdataset_remote_urls_stream_with_declared_length(shards: Path) -> None:
+def test_webdataset_remote_urls_stream_with_declared_length(shards: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MMFW_ALLOW_CODE", "1")  # a pipe: URL runs a command: allowed here
     url = f"pipe:cat {shards / 'train-000.tar'}"
     d = mmfw.create("dataset", "webdataset", train=url, test=str(shards / "test-000.tar"))
     with pytest.raises(mmfw.DataError, match="pairs_per_epoch"):
@@ -519,7 +520,7 @@ def test_webdataset_indexed_mode_trains_with_any_sampler(shards: Path, tmp_path:
                          sampler={"name": "semantic-groups", "batch_size": 6},
                          eval={"val_split": ""})
     trainer = Trainer(load_recipe(strip_synthetic(recipe)), console=lambda s: None)
-    assert len(trainer.pairs) == 48 and trainer.fit() == "max_steps"
+    assert len(trainer.data.pairs) == 48 and trainer.fit() == "max_steps"
 
 
 def test_webdataset_streamed_training_in_the_engine(shards: Path, tmp_path: Path) -> None:

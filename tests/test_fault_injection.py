@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+
 from helpers import SUBPROCESS_ENV, cli, tiny_recipe
 
 pytestmark = pytest.mark.slow

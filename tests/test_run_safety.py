@@ -220,3 +220,36 @@ def test_checkpoint_carries_time_spent_world_size_and_detector_streaks(tmp_path)
     with pytest.raises(ResumeError, match="2 process"):
         Trainer(mmfw.load_recipe(data), resume=True, **QUIET)
     assert math.isfinite(state["seconds"])
+
+
+DISK_FULL = r'''
+import resource, signal, sys
+import mmfw
+data = __import__("json").loads(sys.argv[1])
+recipe = mmfw.load_recipe(data)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))  # a disk that fills up
+try:
+    mmfw.train(recipe, console=lambda s: None)
+except mmfw.MmfwError as err:
+    print(f"error: {err}")
+    sys.exit(2)
+'''
+
+
+def test_a_full_disk_is_one_clear_error_naming_the_run_dir(tmp_path) -> None:
+    """A real write limit (RLIMIT_FSIZE, the OS refusing bytes as a full disk does)."""
+    import subprocess
+    import sys
+
+    from helpers import SUBPROCESS_ENV
+
+    data = tiny_recipe(tmp_path / "runs", name="full", run={"max_steps": 4,
+                                                            "checkpoint_every": 2},
+                       eval={"val_split": ""}, diagnostics={"every": 0})
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL, json.dumps(data)], env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "cannot write checkpoint step 2" in proc.stdout
+    assert str(tmp_path / "runs" / "full") in proc.stdout and "disk full" in proc.stdout

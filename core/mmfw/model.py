@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .config.recipe import ModelConfig
 from .registry import create
+from .spi.capabilities import check
 from .spi.contracts import asset_dir
 
 
@@ -174,6 +175,7 @@ def fused_forward(model: nn.Module, pixels: Tensor, tokens: dict[str, Tensor],
 
 def _encoder(name: str, options: Any, modality: str) -> nn.Module:
     enc = create("encoder", name, options=options)
+    check(enc, f"encoder '{name}'")  # half a capability is a plugin bug: said at build time
     if getattr(enc, "modality", None) != modality:
         from .spi.errors import RecipeError
 

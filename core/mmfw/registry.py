@@ -217,6 +217,9 @@ class Preset:
     text: dict[str, Any]
     note: str = ""
     plugin: str = ""
+    #: the ``[model.adapter]`` a recipe using both encoders at their width gets (None: the
+    #: recipe's default)
+    adapter: dict[str, Any] | None = None
 
 
 def _hook_results(hook_name: str) -> list[tuple[Any, str]]:
@@ -252,7 +255,8 @@ def presets() -> dict[str, Preset]:
                                   f"{table[name].plugin} and by plugin {label}")
             try:
                 table[name] = Preset(name, int(p["width"]), dict(p["vision"]), dict(p["text"]),
-                                     str(p.get("note", "")), label)
+                                     str(p.get("note", "")), label,
+                                     dict(p["adapter"]) if p.get("adapter") else None)
             except (KeyError, TypeError, ValueError) as err:
                 raise PluginError(f"plugin {label}: preset '{name}' needs width, vision and "
                                   f"text ({err})") from None

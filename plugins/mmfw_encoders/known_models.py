@@ -108,12 +108,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": {"name": "hf-text", "model": "sentence-transformers/all-MiniLM-L6-v2",
                  "pooling": "mean"},
         "note": "DeiT-S + MiniLM-L6 (the seeds paired a 768-wide ViT here)",
+        "adapter": {"name": "identity"},  # matched widths: no projection
     },
     "medium": {
         "width": 512,
         "vision": {"name": "timm-vision", "model": "vit_medium_patch16_gap_256"},
         "text": {"name": "hf-text", "model": "google/mobilebert-uncased", "pooling": "mean"},
         "note": "ViT-M/16 (avg pool) + MobileBERT (the seeds paired a 1024-wide BEiT here)",
+        "adapter": {"name": "identity"},  # matched widths: no projection
     },
     "large": {
         "width": 768,
@@ -121,6 +123,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "pooling": "cls"},
         "text": {"name": "hf-text", "model": "bert-base-uncased", "pooling": "mean"},
         "note": "ViT-B/16 + BERT-base",
+        "adapter": {"name": "identity"},  # matched widths: no projection
     },
 }
 

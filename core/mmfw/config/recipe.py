@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import sys
 from collections.abc import Iterable, Mapping
@@ -32,6 +33,18 @@ _ge0, _ge1, _gt0 = attrs.validators.ge(0), attrs.validators.ge(1), attrs.validat
 
 
 @attrs.frozen
+class ProfileConfig:
+    """In-run profiling (torch.profiler): ``steps`` optimizer steps from step ``start`` are
+    profiled, and ``profile/`` in the run directory gets their Chrome trace and a table of
+    the top operators (``steps = 0``: off)."""
+
+    start: int = option(10, doc="first profiled optimizer step, counted from 1 (the first "
+                        "steps are warm-up: allocator, caches)", validator=_ge1)
+    steps: int = option(0, doc="optimizer steps profiled (0: off; 3 to 10 are plenty)",
+                        validator=_ge0)
+
+
+@attrs.frozen
 class RunConfig:
     name: str = option("run", doc="run directory name under output_dir")
     seed: int = option(0, doc="seed for initialisation, sampling and augmentation")
@@ -50,6 +63,13 @@ class RunConfig:
     callbacks: tuple[str, ...] = option((), doc="callback plugins to run besides the built-in "
                                         "ones (`mmfw list callback`); options in "
                                         "[callbacks.<name>]")
+    report_to: tuple[str, ...] = option((), doc="experiment trackers that get every "
+                                        "metrics.jsonl row, the recipe, final metrics and "
+                                        "plots: \"tensorboard\", \"mlflow\", \"wandb\" "
+                                        "(extras mmfw[<name>]); options in [report.<name>]")
+    profile: ProfileConfig = option(ProfileConfig(), doc="[run.profile]: torch.profiler "
+                                    "trace and top-ops table of a few steps, e.g. {start = "
+                                    "10, steps = 5} (see below)")
 
 
 @attrs.frozen
@@ -256,9 +276,10 @@ class Recipe:
             if p.section in TOP_LEVEL:
                 continue
             values = p.values()
-            if p.section == f"callbacks.{name}":
-                if values:
-                    out.setdefault("callbacks", {})[name] = values
+            head, _, sub = p.section.partition(".")
+            if head in CALLBACK_TABLES and sub:  # [callbacks.<name>], [report.<name>]
+                if values or head != "callbacks":
+                    out.setdefault(head, {})[sub] = values
             else:
                 out[p.section] = values
         return out
@@ -300,7 +321,11 @@ def _section(p: Plugin, key: str = "name", extra: Mapping[str, Any] | None = Non
 
 #: the core's sections; callbacks add their own (``[diagnostics]``, ``[distill]``, ...)
 TOP_LEVEL = ("run", "backend", "data", "sampler", "model", "loss", "optim", "schedule", "eval",
-             "ensemble", "distributed", "callbacks")
+             "ensemble", "distributed", "callbacks", "report")
+
+#: tables holding one sub-table per callback: ``[callbacks.<name>]``, ``[report.<tracker>]``
+#: (a tracker is a callback whose section is ``report.<name>``; ``run.report_to`` lists them)
+CALLBACK_TABLES = {"callbacks": "run.callbacks", "report": "run.report_to"}
 
 #: section path -> (plugin kind, key naming the plugin, default plugin or None if required)
 PLUGIN_SECTIONS: dict[str, tuple[str, str, str | None]] = {
@@ -431,7 +456,8 @@ def apply_preset(model: dict[str, Any]) -> dict[str, Any]:
     no encoder) is the preset's with the recipe's keys on top; one naming another encoder
     replaces it. ``embed_dim`` defaults to the preset's width, and when both encoders are the
     preset's and ``embed_dim`` equals their width, a recipe without ``[model.adapter]`` gets
-    the ``identity`` adapter: no projection between matched widths.
+    the preset's ``adapter`` (the built-in presets: ``identity``, no projection between matched
+    widths).
     """
     name = model.get("preset", "")
     if isinstance(name, Override):
@@ -459,8 +485,9 @@ def apply_preset(model: dict[str, Any]) -> dict[str, Any]:
     embed_dim = out.setdefault("embed_dim", preset.width)
     if isinstance(embed_dim, Override):
         embed_dim = embed_dim.parsed()
-    if "adapter" not in out and from_preset == 2 and embed_dim == preset.width:
-        out["adapter"] = {"name": "identity"}
+    if "adapter" not in out and from_preset == 2 and embed_dim == preset.width \
+            and preset.adapter is not None:
+        out["adapter"] = dict(preset.adapter)
     return out
 
 

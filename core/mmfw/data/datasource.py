@@ -6,6 +6,11 @@ and their count; ``"skip"`` leaves the bad items out, writes each one to ``skipp
 the run directory and says how many on the console. An image that fails to decode later, while
 training, goes through the same policy (the collate leaves the row out and reports it; the
 loader raises or logs). Nothing is dropped silently.
+
+In a distributed run every rank skips the same items and only rank 0 writes ``skipped.jsonl``.
+Rows written while training carry the optimizer ``step`` they were skipped in, so a resumed
+run drops those after its checkpoint (``BadData.truncate``). ``mmfw eval`` goes through the
+same path (``BadData(..., evaluating=True)``): its rows are ``when = "eval"``.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..config.recipe import Recipe
+from ..config.recipe import PLUGIN_SECTIONS, Recipe
 from ..registry import create
 from ..run.jsonl import append_jsonl, read_jsonl, rewrite_jsonl
 from ..run.rundir import SKIPPED_JSONL
+from ..spi.capabilities import Uint8Vision
 from ..spi.contracts import Item, Problem
 from ..spi.errors import DataError, RecipeError
 from .augment import TrainAugment, as_uint8, encoder_input_size
@@ -318,12 +324,13 @@ class TrainingData:
         """The batch sampler the recipe names (a stream is its own sampler)."""
         r = self.recipe
         if self.stream is not None:
-            if r.sampler.plugin.name != "random":
+            default = PLUGIN_SECTIONS["sampler"][2]  # the recipe's default sampler
+            if r.sampler.plugin.name != default:
                 raise RecipeError(
                     f"sampler '{r.sampler.plugin.name}' needs a map-style training split; "
                     f"'{r.data.dataset.name}' streams it (its order comes from shard and buffer "
                     "shuffling)", key="sampler.name",
-                    expected='"random", or data.mode = "indexed" for local shards',
+                    expected=f'"{default}", or data.mode = "indexed" for local shards',
                     given=r.sampler.plugin.name)
             return self.stream
         return create("sampler", r.sampler.plugin.name, options=r.sampler.plugin.options,
@@ -368,11 +375,10 @@ class TrainingData:
 def pixel_preprocess(vision: Any, uint8: bool) -> Any:
     """The vision encoder's ``preprocess_uint8`` (uint8 out; ``normalize`` on the device then
     finishes it) where it has one and ``data.uint8`` asks for it, else ``preprocess``."""
-    fn = getattr(vision, "preprocess_uint8", None)
-    if not (uint8 and callable(fn) and callable(getattr(vision, "normalize", None))):
+    if not (uint8 and isinstance(vision, Uint8Vision)):
         return vision.preprocess
     try:  # a plugin may have the method but not for every configuration of its model
-        fn(torch.zeros(3, 8, 8, dtype=torch.uint8))
+        vision.preprocess_uint8(torch.zeros(3, 8, 8, dtype=torch.uint8))
     except NotImplementedError:
         return vision.preprocess
-    return fn
+    return vision.preprocess_uint8

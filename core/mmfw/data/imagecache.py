@@ -86,10 +86,9 @@ class ImageCache:
             free = shutil.disk_usage(self.dir).free
             if self.nbytes > free:
                 raise DataError(f"image cache for {self.n} images at {self.size[0]}x"
-                                f"{self.size[1]} needs {self.nbytes / 2**30:.1f} GiB in "
-                                f"{self.dir}, which has {free / 2**30:.1f} GiB free: choose "
-                                "another data.cache folder or turn the cache off "
-                                "(data.cache = \"\")")
+                                f"{self.size[1]} needs {_size(self.nbytes)} in {self.dir}, "
+                                f"which has {_size(free)} free: choose another data.cache "
+                                "folder or turn the cache off (data.cache = \"\")")
             for path, nbytes in self._files():
                 if not path.is_file():
                     self._place(path, nbytes)
@@ -127,7 +126,7 @@ class ImageCache:
         full = err.errno in (errno.ENOSPC, errno.EDQUOT)
         why = "the disk is full" if full else (err.strerror or str(err))
         return DataError(f"cannot make the image cache in {self.dir} ({why}; it needs "
-                         f"{self.nbytes / 2**30:.2f} GiB for {self.n} images at "
+                         f"{_size(self.nbytes)} for {self.n} images at "
                          f"{self.size[0]}x{self.size[1]}): free space there, choose another "
                          "data.cache folder or turn the cache off (data.cache = \"\")")
 
@@ -178,6 +177,10 @@ class ImageCache:
 
     def filled(self) -> int:
         return int(np.count_nonzero(self._open()[2])) if self.n else 0
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _preallocate(fd: int, nbytes: int) -> None:

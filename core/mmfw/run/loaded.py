@@ -11,7 +11,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from ..config.recipe import Recipe, apply_overrides, from_dict, read_toml
+from ..config.recipe import Recipe, apply_overrides, from_dict, load_recipe
 from ..data.datasource import BadData, CheckedSource
 from ..eval.retrieval import evaluate_ensemble, evaluate_split
 from ..model import DualEncoder, build_model
@@ -53,7 +53,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu",
                         f"or evaluate the ensemble with `mmfw eval {d}`")
     if not (d / RECIPE_FILE).is_file():
         raise MmfwError(f"{d} is not a run directory (no {RECIPE_FILE} in it)")
-    recipe = from_dict(read_toml(d / RECIPE_FILE), str(d / RECIPE_FILE))
+    recipe = load_recipe(d / RECIPE_FILE)  # its mistakes name that file
     if checkpoint not in ("auto", "latest", "best"):
         raise MmfwError(f"checkpoint must be 'auto', 'latest' or 'best', not {checkpoint!r}")
     step = ckpt.latest(d / CHECKPOINTS)

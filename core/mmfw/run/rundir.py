@@ -189,11 +189,11 @@ class RunDir:
 
     def claim(self, *, resume: bool, overwrite: bool, kind: str = "run") -> None:
         """Lock the directory and check it for a new, overwritten or resumed run."""
+        if resume and not self.recipe_file.is_file():  # checked before the lock makes it
+            raise RunDirError(f"nothing to resume in {self.path}: no {RECIPE_FILE} "
+                              "(run without --resume to start it)")
         self.lock()
         if resume:
-            if not self.recipe_file.is_file():
-                raise RunDirError(f"nothing to resume in {self.path}: no {RECIPE_FILE} "
-                                  "(run without --resume to start it)")
             return
         if self.in_use():
             if not overwrite:
@@ -208,7 +208,11 @@ class RunDir:
 
     # logs ---------------------------------------------------------------------------------
     def append(self, row: dict[str, Any], name: str = METRICS_JSONL) -> None:
-        append_jsonl(self.path / name, [row])
+        try:
+            append_jsonl(self.path / name, [row])
+        except OSError as err:  # a full disk: say where, not a traceback
+            raise RunDirError(f"cannot append to {self.path / name}: {err} (is the disk "
+                              "full?)") from None
 
     def rows(self, name: str = METRICS_JSONL, warn: Callable[[str], None] | None = None
              ) -> list[dict[str, Any]]:
@@ -225,7 +229,11 @@ class RunDir:
                                      if r.get("step", 0) <= step and not r.get("final")])
 
     def write_metrics(self, metrics: dict[str, float]) -> None:
-        atomic_text(self.metrics_file, json.dumps(metrics, indent=2))
+        try:
+            atomic_text(self.metrics_file, json.dumps(metrics, indent=2))
+        except OSError as err:
+            raise RunDirError(f"cannot write {self.metrics_file}: {err} (is the disk full?); "
+                              f"the metrics were {json.dumps(metrics)}") from None
 
     def read_metrics(self) -> dict[str, float]:
         try:

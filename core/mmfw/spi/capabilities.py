@@ -63,11 +63,10 @@ class Uint8Vision(Protocol):
 
 @runtime_checkable
 class TokenEncoder(Protocol):
-    """An encoder that exposes its token features, for ``[model.fusion]``."""
+    """An encoder that exposes its token features, for ``[model.fusion]`` (with, optionally,
+    ``pool_tokens(tokens, mask)`` so one pass gives both tokens and the embedding)."""
 
     def forward_tokens(self, inputs: Any) -> tuple[Tensor, Tensor]: ...
-
-    def pool_tokens(self, tokens: Tensor, mask: Tensor) -> Tensor: ...
 
 
 @runtime_checkable

@@ -143,8 +143,10 @@ def mmfw_models() -> list[dict[str, object]]:
 @hookspec
 def mmfw_presets() -> dict[str, dict[str, object]]:
     """Size presets for ``model.preset``: ``{name: {"width": int, "vision": {section},
-    "text": {section}, "note": str}}``, where the sections are ``[model.vision]`` /
-    ``[model.text]`` tables (``name`` + options) whose encoders are both ``width`` wide."""
+    "text": {section}, "note": str, "adapter": {section}}}``, where the sections are
+    ``[model.vision]`` / ``[model.text]`` tables (``name`` + options) whose encoders are both
+    ``width`` wide, and the optional ``adapter`` is the ``[model.adapter]`` a recipe using
+    both at that width gets (e.g. ``{"name": "identity"}``)."""
 
 
 # ---------------------------------------------------------------------------------------

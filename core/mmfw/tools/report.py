@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
-import json
 import math
 import tempfile
 from collections.abc import Sequence
@@ -18,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..eval.retrieval import METRIC_KEYS
+from ..run.rundir import METRICS_JSONL, RECIPE_FILE, RunDir
 from ..spi.errors import MmfwError
-from .plots import PLOTS, diagnostics_plot, read_rows, training_plot
+from .plots import diagnostics_plot, training_plot
 
 REPORT_HTML = "report.html"
 
@@ -99,12 +99,11 @@ def _trend(first: Any, last: Any, better: str) -> str:
     return f'<span class="{"good" if good else "bad"}">{"↑" if up else "↓"}</span>'
 
 
-def _metrics_section(run_dir: Path, rows: list[dict]) -> str:
+def _metrics_section(run_dir: RunDir, rows: list[dict]) -> str:
     out = ["<h2>Final evaluation</h2>"]
-    path = run_dir / "metrics.json"
     final = [r for r in rows if r.get("type") == "eval" and r.get("final")]
-    if path.is_file():
-        metrics = json.loads(path.read_text())
+    if run_dir.metrics_file.is_file():
+        metrics = run_dir.read_metrics()
         split = final[-1]["split"] if final else "final"
         out.append(f"<p>Split <b>{_esc(split)}</b> (metrics.json).</p>")
         out.append(_table(list(metrics), [[_num(metrics[k], 1) for k in metrics]]))
@@ -183,16 +182,16 @@ def _diagnostics_section(rows: list[dict]) -> str:
     return "".join(out)
 
 
-def _plots_section(run_dir: Path, rows: list[dict]) -> str:
+def _plots_section(run_dir: RunDir, rows: list[dict]) -> str:
     out = ["<h2>Plots</h2>"]
-    plot_dir = run_dir / PLOTS
+    plot_dir = run_dir.plots
     found = {p.name: p for p in sorted(plot_dir.glob("*.png"))} if plot_dir.is_dir() else {}
     with tempfile.TemporaryDirectory() as tmp:
         # a run still training has no plots yet: draw the ones metrics.jsonl allows
         for name, draw in (("training.png", training_plot), ("diagnostics.png",
                                                              diagnostics_plot)):
             if name not in found and rows:
-                made = draw(run_dir / "metrics.jsonl", Path(tmp) / name)
+                made = draw(run_dir / METRICS_JSONL, Path(tmp) / name)
                 if made is not None:
                     found[name] = made
         order = [n for n in PLOT_CAPTIONS if n in found] + sorted(set(found) - set(PLOT_CAPTIONS))
@@ -207,12 +206,11 @@ def _plots_section(run_dir: Path, rows: list[dict]) -> str:
 
 def render_report(run_dir: str | Path) -> str:
     """The HTML text of a run's report (nothing is written)."""
-    d = Path(run_dir)
-    recipe_file = d / "recipe.toml"
-    if not recipe_file.is_file():
-        raise MmfwError(f"{d} is not a run directory (no recipe.toml in it)")
-    rows = read_rows(d / "metrics.jsonl")
-    recipe = recipe_file.read_text(encoding="utf-8")
+    d = RunDir.existing(run_dir)
+    if not d.recipe_file.is_file():
+        raise MmfwError(f"{d} is not a run directory (no {RECIPE_FILE} in it)")
+    rows = d.rows(warn=lambda _: None)  # a torn last line (a killed run) is left out
+    recipe = d.recipe_file.read_text(encoding="utf-8")
     name = d.name
     when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [
@@ -220,7 +218,7 @@ def render_report(run_dir: str | Path) -> str:
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>mmfw report: {_esc(name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>mmfw run <code>{_esc(name)}</code></h1>",
-        f'<p class="muted">{_esc(d.resolve())} · report generated {when}</p>',
+        f'<p class="muted">{_esc(d.path.resolve())} · report generated {when}</p>',
         _metrics_section(d, rows),
         _warnings_section(rows),
         _diagnostics_section(rows),

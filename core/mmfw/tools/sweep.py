@@ -28,6 +28,7 @@ import attrs
 
 from ..config.recipe import Recipe, load_recipe, parse_overrides
 from ..eval.retrieval import METRIC_KEYS
+from ..run.rundir import WARNINGS_JSONL, RunDir
 from ..spi.errors import MmfwError, RecipeError
 
 SWEEP_KEYS = ("run.name", "run.output_dir")
@@ -102,8 +103,12 @@ class Setting:
     recipe: Recipe
 
     @property
+    def rundir(self) -> RunDir:
+        return RunDir.of(self.recipe)
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.recipe.run.output_dir) / self.recipe.run.name
+        return self.rundir.path
 
 
 @attrs.frozen
@@ -150,45 +155,35 @@ def plan_sweep(recipe: str | Path, grid_items: Sequence[str], overrides: Sequenc
 # running ---------------------------------------------------------------------------------------
 
 
-def _last_val_rsum(run_dir: Path, val_split: str) -> float | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file() or not val_split:
-        return None
+def _last_val_rsum(rows: list[dict[str, Any]], val_split: str) -> float | None:
     rsum = None
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row.get("type") == "eval" and row.get("split") == val_split and \
-                    not row.get("final"):
-                rsum = row.get("rsum")
+    for row in rows:
+        if val_split and row.get("type") == "eval" and row.get("split") == val_split and \
+                not row.get("final"):
+            rsum = row.get("rsum")
     return rsum
 
 
 def _outcome(setting: Setting, status: str, seconds: float, error: str = "") -> dict[str, Any]:
-    d = setting.run_dir
+    d = setting.rundir
     row: dict[str, Any] = {"run": setting.name, **setting.values, "status": status,
                            "run_dir": str(d), "minutes": round(seconds / 60, 2), "error": error}
-    metrics_file = d / "metrics.json"
-    if status == "ok" and metrics_file.is_file():
-        row.update(json.loads(metrics_file.read_text()))
-        row["val_rsum"] = _last_val_rsum(d, setting.recipe.eval.val_split)
-        steps = [json.loads(ln).get("step", 0) for ln in
-                 (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        row["steps"] = max(steps, default=0)
-        warnings = d / "warnings.jsonl"
-        row["warnings"] = (sum(1 for ln in warnings.read_text().splitlines() if ln.strip())
-                           if warnings.is_file() else 0)
+    if status == "ok" and d.metrics_file.is_file():
+        row.update(d.read_metrics())
+        rows = d.rows()
+        row["val_rsum"] = _last_val_rsum(rows, setting.recipe.eval.val_split)
+        row["steps"] = max((r.get("step", 0) for r in rows), default=0)
+        row["warnings"] = len(d.rows(WARNINGS_JSONL))
     return row
 
 
 def _started(setting: Setting) -> bool:
     """A setting a killed sweep left half-trained: a checkpoint, the same recipe."""
-    from ..run import checkpoint as ckpt
     from ..run.resume import recipe_changes
 
-    d = setting.run_dir
-    return (ckpt.latest(d / "checkpoints") is not None and (d / "recipe.toml").is_file()
-            and not recipe_changes(load_recipe(d / "recipe.toml"), setting.recipe))
+    d = setting.rundir
+    return (bool(d.checkpoint_steps()) and d.recipe_file.is_file()
+            and not recipe_changes(load_recipe(d.recipe_file), setting.recipe))
 
 
 def _run_inline(setting: Setting, overwrite: bool, say: Callable[[str], None],
@@ -243,13 +238,14 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, overwrite: bool = False, resume
         raise MmfwError("--overwrite and --resume exclude each other")
     todo, done = [], []
     for s in plan.settings:
-        finished = (s.run_dir / "metrics.json").is_file() and (s.run_dir / "recipe.toml").is_file()
-        if resume and finished and load_recipe(s.run_dir / "recipe.toml").digest() == \
+        d = s.rundir
+        finished = d.metrics_file.is_file() and d.recipe_file.is_file()
+        if resume and finished and load_recipe(d.recipe_file).digest() == \
                 s.recipe.digest():
             done.append(s)
         else:
             todo.append(s)
-    existing = [s for s in todo if s.run_dir.is_dir() and any(s.run_dir.iterdir())]
+    existing = [s for s in todo if s.rundir.in_use()]
     if existing and not (overwrite or resume):
         raise MmfwError(
             "run directories of this sweep already exist:\n  " +

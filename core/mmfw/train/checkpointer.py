@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from safetensors import SafetensorError
+
 from ..run import checkpoint as ckpt
-from ..run.rundir import RunDir
+from ..run.rundir import RunDir, RunDirError
 from ..spi.capabilities import Stateful
 from ..spi.errors import ResumeError
 
@@ -62,10 +64,15 @@ class Checkpointer:
         state = {"epoch": p.epoch, "seconds": p.seconds, "world_size": s.world.world_size,
                  "sampler": self._sampler_state(), "optimisation": self.opt.state_dict(),
                  "callbacks": self.callbacks.state_dict(), "recipe": self.recipe.digest()}
-        ckpt.save(self.dir, step, model=self.model, loss=self.losses,
-                  optimizer=self.opt.optimizer, state=state, keep=self.recipe.run.keep_last,
-                  scaler=self.opt.scaler, model_state=model_state,
-                  optimizer_state=optimizer_state)
+        try:
+            ckpt.save(self.dir, step, model=self.model, loss=self.losses,
+                      optimizer=self.opt.optimizer, state=state,
+                      keep=self.recipe.run.keep_last, scaler=self.opt.scaler,
+                      model_state=model_state, optimizer_state=optimizer_state)
+        except (OSError, SafetensorError) as err:  # a full disk, a quota, a vanished mount
+            raise RunDirError(f"cannot write checkpoint step {step} into {self.dir}: {err} "
+                              "(is the disk full?). The previous checkpoint is intact; free "
+                              "space and continue with --resume") from None
         return True
 
     def restore(self, step: int, say: Callable[[str], None]) -> None:

@@ -116,6 +116,7 @@ class Trainer:
         total = r.run.epochs * self.steps_per_epoch
         self.total_steps = min(total, r.run.max_steps) if r.run.max_steps else total
         self.progress = Progress()
+        self.data.policy.step = lambda: self.progress.step  # skipped.jsonl rows carry it
         self.opt = Optimisation(r, self.model, loss, self.backend, self.device,
                                 total_steps=self.total_steps,
                                 steps_per_epoch=self.steps_per_epoch, say=self.say)
@@ -136,6 +137,7 @@ class Trainer:
             self.checkpointer.restore(start, self.say)
             if self.world.is_main:
                 self.run_dir.truncate(self.progress.step, self.say)
+                self.data.policy.truncate(self.progress.step)
             self.say(f"resumed {self.run_dir} at step {self.progress.step} "
                      f"(epoch {self.progress.epoch})")
             self.callbacks.fire("on_checkpoint_restore", self.ctx, start)
@@ -154,8 +156,10 @@ class Trainer:
         budget = r.max_minutes * 60 - p.seconds if r.max_minutes else math.inf
         t0 = time.perf_counter()
         preempted: list[int] = []
-        old = signal.signal(signal.SIGTERM, lambda *_: preempted.append(1)) \
-            if self.world.is_main else None
+        try:  # every rank (torchrun forwards SIGTERM to all); rank 0's flag decides
+            old = signal.signal(signal.SIGTERM, lambda *_: preempted.append(1))
+        except ValueError:  # not the main thread: no signal handlers to set there
+            old = None
         self.model.train()
         self.opt.losses.train()
         fire("on_run_start", ctx)
