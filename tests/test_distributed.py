@@ -5,10 +5,14 @@ from __future__ import annotations
 import gc
 import json
 import math
+import multiprocessing
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,12 +28,96 @@ from mmfw.model import build_model
 from mmfw.parallel import distributed as D
 from mmfw.parallel import sharding
 from mmfw.parallel.sharding import full
+from mmfw.parallel.strategy import GlobalBatch
+from mmfw_losses.hard_negative import HardNegative
+from mmfw_losses.infonce import InfoNCE
+from mmfw_losses.memory_queue import MemoryQueue
+from mmfw_losses.ntxent import NTXent
+from mmfw_losses.siglip import SigLIP
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#: seconds a spawned 2-rank test may take (they take 5-25 s): past it, the test fails
+SPAWN_TIMEOUT = 120.0
+
+
+def _spawn(fn, *args: object, nprocs: int = 2, timeout: float = SPAWN_TIMEOUT) -> None:
+    """``torch.multiprocessing.spawn``, bounded: workers still running after ``timeout``
+    seconds (a collective waiting for a rank that never comes) are terminated and the test
+    fails, instead of hanging CI. A worker's exception fails the test with its traceback."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+                pytest.fail(f"{fn.__name__}: ranks {alive} of {nprocs} still running after "
+                            f"{timeout:.0f} s (hung collective?): terminated", pytrace=False)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in ctx.processes:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def _bounded_run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, timeout=timeout)`` that, on the timeout, kills torchrun's
+    workers too (subprocess.run kills the launcher alone, leaving its workers running), then
+    fails the test with the output so far."""
+    with subprocess.Popen(cmd, cwd=cwd, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{' '.join(cmd[1:])!r} still running after {timeout:.0f} s: killed\n"
+                        + out[-3000:] + err[-3000:], pytrace=False)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _hang(rank: int) -> None:
+    time.sleep(600)
+
+
+def test_a_hung_spawned_worker_fails_the_test_and_is_terminated() -> None:
+    with pytest.raises(pytest.fail.Exception, match=r"_hang: ranks \[0, 1\] of 2 still running"):
+        _spawn(_hang, timeout=0.5)
+    assert multiprocessing.active_children() == []
+
+
+def test_a_hung_subprocess_fails_the_test_and_its_children_are_killed(tmp_path: Path) -> None:
+    """As torchrun's launcher: a child whose own child would outlive a plain kill."""
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+              "print(f'[{child.pid}]', flush=True)\n"
+              "time.sleep(600)\n")
+    with pytest.raises(pytest.fail.Exception, match="still running after 2 s") as failed:
+        _bounded_run([sys.executable, "-c", script], tmp_path, timeout=2)
+    pid = int(re.search(r"\[(\d+)\]", str(failed.value)).group(1))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # killed: gone, or a zombie its new parent reaps
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state in ("Z", "X"):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the grandchild {pid} outlived the timeout")
 
 
 def _models() -> tuple[nn.Module, nn.Module]:
@@ -86,7 +174,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    _spawn(_worker, _free_port(), str(tmp_path))
     expected = _single_process()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
@@ -101,6 +189,137 @@ def test_without_a_process_group_gathering_is_the_identity() -> None:
     assert D.gather(x) is x
     if "WORLD_SIZE" not in os.environ:
         assert D.world_from_env() == D.World()
+
+
+# unequal shards: ranks holding different numbers of image and text rows ----------------------
+
+#: rank 0: 5 images / 9 captions, rank 1: 3 images / 6 captions (a rank's batch keeps one row
+#: per image). Ids are global: captions on one rank match images on the other, two captions
+#: share an image, image 8 has no caption and caption 99 no image anywhere (unmatched rows).
+UNEQUAL_IMAGE_IDS = ([0, 1, 2, 3, 4], [5, 6, 8])
+UNEQUAL_TEXT_IDS = ([0, 0, 1, 2, 3, 4, 5, 6, 6], [6, 5, 4, 1, 99, 0])
+#: every loss supporting local_loss, built directly: the registry's plugin discovery would cost
+#: each spawned rank seconds (mixture, which builds its terms by name, is tested in one process)
+UNEQUAL_LOSSES = {
+    "infonce": (InfoNCE, {}),
+    "infonce-smoothed": (InfoNCE, {"label_smoothing": 0.1}),
+    "siglip": (SigLIP, {}),
+    "ntxent": (NTXent, {"learn_temperature": True}),
+    "hard_negative": (HardNegative, {"learn_temperature": True, "top_k": 2}),
+    "memory_queue": (MemoryQueue, {}),
+}
+
+
+def _unequal_inputs() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each rank's image and text input rows (rank order)."""
+    g = torch.Generator().manual_seed(5)
+    images = [torch.randn(len(ids), 12, generator=g) for ids in UNEQUAL_IMAGE_IDS]
+    texts = [torch.randn(len(ids), 10, generator=g) for ids in UNEQUAL_TEXT_IDS]
+    return images, texts
+
+
+def _unequal_loss(case: str) -> nn.Module:
+    cls, options = UNEQUAL_LOSSES[case]
+    loss = cls(cls.Options(**options))
+    fill = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    for module in loss.modules():  # a queue holding ids of the batch (excluded candidates)
+        if isinstance(module, MemoryQueue):
+            module(fill, fill.flip(0), image_ids=torch.arange(4), text_ids=torch.arange(4))
+    return loss
+
+
+def _unequal_step(loss: nn.Module, x_img: torch.Tensor, x_txt: torch.Tensor,
+                  image_ids: torch.Tensor, text_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One step from leaf input rows: the loss, every gradient, the queues afterwards."""
+    vision, text = _models()
+    x_img, x_txt = x_img.clone().requires_grad_(True), x_txt.clone().requires_grad_(True)
+    out = loss(vision(x_img), text(x_txt), image_ids=image_ids, text_ids=text_ids)
+    out.loss.backward()
+    inner = loss.inner if isinstance(loss, GlobalBatch) else loss  # the same names
+    result = {"__loss": out.loss.detach().reshape(1), "__x_img": x_img.grad,
+              "__x_txt": x_txt.grad, **_grads(vision, text, inner)}
+    result.update({f"__buf.{k}": b.detach().clone() for k, b in inner.named_buffers()})
+    return result
+
+
+def _unequal_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    D.init(torch.device("cpu"), timeout_minutes=1)  # a mismatched collective fails, not hangs
+    try:
+        # distributed.gather: padded to the longest rank, trimmed, rank order (values, dtypes)
+        for rows in ((5, 3), (2, 0), (0, 4), (3, 3)):
+            n = rows[rank]
+            want = torch.arange(sum(rows) * 2, dtype=torch.float64).view(-1, 2) - 7
+            mine = want[sum(rows[:rank]):][:n]
+            torch.testing.assert_close(D.gather(mine), want, rtol=0, atol=0, msg=str(rows))
+            ids = torch.arange(sum(rows))
+            assert torch.equal(D.gather(ids[sum(rows[:rank]):][:n]), ids), rows
+            flags = ids % 3 == 0
+            assert torch.equal(D.gather(flags[sum(rows[:rank]):][:n]), flags), rows
+            # gather_rows: this rank's slice, and the gradient of its rows (every rank's loss)
+            leaf = mine.clone().requires_grad_(True)
+            got, where = D.gather_rows(leaf)
+            assert torch.equal(got, want) and where == slice(sum(rows[:rank]), sum(rows[:rank + 1]))
+            weights = torch.arange(want.numel(), dtype=want.dtype).view_as(want)
+            (got * weights * (rank + 1)).sum().backward()
+            torch.testing.assert_close(leaf.grad, 3 * weights[where], rtol=0, atol=0)
+        images, texts = _unequal_inputs()
+        image_ids = torch.tensor(UNEQUAL_IMAGE_IDS[rank])
+        text_ids = torch.tensor(UNEQUAL_TEXT_IDS[rank])
+        results = {}
+        for case in UNEQUAL_LOSSES:
+            for local in (False, True):
+                got = _unequal_step(GlobalBatch(_unequal_loss(case), local=local), images[rank],
+                                    texts[rank], image_ids, text_ids)
+                for k, v in got.items():  # DDP: the mean over ranks of the parameters' grads
+                    if not k.startswith("__"):
+                        dist.all_reduce(v)
+                        v /= dist.get_world_size()
+                results[case, local] = got
+        torch.save(results, Path(out_dir) / f"unequal-rank{rank}.pt")
+    finally:
+        D.shutdown()
+
+
+def test_unequal_shards_on_two_ranks_match_one_process_on_the_concatenated_batch(
+        tmp_path: Path) -> None:
+    """Ranks holding different numbers of image rows and of text rows (5/9 and 3/6), unmatched
+    rows on both sides: through GlobalBatch (global and local_loss) every rank's gradients,
+    averaged over ranks as DDP does, are one process's on the concatenated batch, and so are
+    the loss (local: its mean over ranks), each rank's input rows' gradients (summed over the
+    ranks' losses: over 2) and the memory queues afterwards. Also gather's padding."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    _spawn(_unequal_worker, _free_port(), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"unequal-rank{r}.pt") for r in range(2)]
+    images, texts = _unequal_inputs()
+    image_ids = torch.tensor([i for ids in UNEQUAL_IMAGE_IDS for i in ids])
+    text_ids = torch.tensor([i for ids in UNEQUAL_TEXT_IDS for i in ids])
+    cut_i, cut_t = len(UNEQUAL_IMAGE_IDS[0]), len(UNEQUAL_TEXT_IDS[0])
+    for case in UNEQUAL_LOSSES:
+        want = _unequal_step(_unequal_loss(case), torch.cat(images), torch.cat(texts),
+                             image_ids, text_ids)
+        assert any(k.startswith("loss.") for k in want), case  # a learnt temperature
+        for local in (False, True):
+            got = [r[case, local] for r in ranks]
+            where = f"{case}, local={local}"
+            losses = torch.cat([g["__loss"] for g in got])
+            if local:
+                assert not torch.allclose(losses[0], losses[1]), where  # each rank its rows
+                losses = losses.mean().reshape(1)
+            for loss in losses:
+                torch.testing.assert_close(loss.reshape(1), want["__loss"], rtol=1e-5, atol=1e-6,
+                                           msg=f"{where}: loss")
+            for r, (rows_i, rows_t) in enumerate(((slice(0, cut_i), slice(0, cut_t)),
+                                                  (slice(cut_i, None), slice(cut_t, None)))):
+                assert got[r].keys() == want.keys(), where
+                for k in want.keys() - {"__loss"}:
+                    rows = {"__x_img": rows_i, "__x_txt": rows_t}.get(k)
+                    expected = want[k] if rows is None else want[k][rows] * 2
+                    torch.testing.assert_close(got[r][k], expected, rtol=1e-5, atol=1e-6,
+                                               msg=f"{where}, rank {r}: {k}")
 
 
 # the engine under torchrun ---------------------------------------------------------------------
@@ -154,7 +373,7 @@ def test_an_engine_step_on_two_ranks_matches_one_process_on_the_global_batch(
              ({"accumulate": 2}, {"strategy": "fsdp", "local_loss": True})]
     two = [str(_engine_recipe(tmp_path, f"two{i}", optim=o, distributed=d))
            for i, (o, d) in enumerate(cases)]
-    mp.spawn(_engine_worker, args=(_free_port(), two, str(tmp_path)), nprocs=2, join=True)
+    _spawn(_engine_worker, _free_port(), two, str(tmp_path), timeout=300)
     for i, (optim, d) in enumerate(cases):
         expected = _one_step(str(_engine_recipe(tmp_path, f"one{i}", optim=optim)))
         got_all = [torch.load(tmp_path / f"engine{i}-rank{rank}.pt") for rank in range(2)]
@@ -171,11 +390,9 @@ def test_an_engine_step_on_two_ranks_matches_one_process_on_the_global_batch(
 
 def test_torchrun_two_processes_train_the_tiny_recipe_into_one_run_dir(tmp_path: Path) -> None:
     recipe = _engine_recipe(tmp_path, "ddp")
-    proc = subprocess.run(
+    proc = _bounded_run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "mmfw", "run", str(recipe)],
-        cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120,
-        check=False)
+         "-m", "mmfw", "run", str(recipe)], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = tmp_path / "runs"
     assert [p.name for p in runs.iterdir()] == ["ddp"]
@@ -194,10 +411,9 @@ def test_torchrun_two_processes_train_the_tiny_recipe_into_one_run_dir(tmp_path:
 
 
 def _torchrun(recipe: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
+    proc = _bounded_run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "mmfw", "run", str(recipe), *extra],
-        cwd=cwd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=180, check=False)
+         "-m", "mmfw", "run", str(recipe), *extra], cwd, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -291,7 +507,7 @@ def test_fsdp_shards_hf_and_timm_encoders_block_by_block(tmp_path: Path) -> None
         return str(path)
 
     two = recipe("two", distributed={"strategy": "fsdp"})
-    mp.spawn(_engine_worker, args=(_free_port(), [two], str(tmp_path)), nprocs=2, join=True)
+    _spawn(_engine_worker, _free_port(), [two], str(tmp_path), timeout=300)
     expected = _one_step(recipe("one"))
     for rank in range(2):
         got = torch.load(tmp_path / f"engine0-rank{rank}.pt")
@@ -372,7 +588,7 @@ def test_fusion_under_ddp_scores_each_ranks_own_pairs(tmp_path: Path) -> None:
 
     sections = {"model": FUSION, "loss": ITM_MIXTURE, "sampler": {"batch_size": 4}}
     path = _engine_recipe(tmp_path, "fusion-ddp", **sections)
-    mp.spawn(_fusion_worker, args=(_free_port(), str(path), str(tmp_path)), nprocs=2, join=True)
+    _spawn(_fusion_worker, _free_port(), str(path), str(tmp_path))
     ranks = [torch.load(tmp_path / f"fusion-rank{r}.pt") for r in range(2)]
 
     one = Trainer(mmfw.load_recipe(_engine_recipe(tmp_path, "fusion-one", **sections)))
@@ -421,11 +637,9 @@ def test_a_recipe_mistake_under_torchrun_is_reported_once(tmp_path: Path) -> Non
     data["loss"] = {"name": "infonc"}
     recipe = tmp_path / "typo.toml"
     recipe.write_text(tomli_w.dumps(data), encoding="utf-8")
-    proc = subprocess.run(
+    proc = _bounded_run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "mmfw", "run", str(recipe)],
-        cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120,
-        check=False)
+         "-m", "mmfw", "run", str(recipe)], tmp_path, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
     assert "'infonc'" in proc.stderr and "infonce" in proc.stderr  # the close match

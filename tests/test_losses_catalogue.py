@@ -18,7 +18,7 @@ import mmfw
 from mmfw.errors import RecipeError
 
 NEW = ["siglip", "simple_contrastive", "memory_queue", "hard_negative", "decorrelation", "vicreg",
-       "barlow_twins", "supcon", "ntxent", "distillation", "mixture"]
+       "barlow_twins", "supcon", "ntxent", "distillation", "mixture", "spectral", "alignment"]
 #: losses that L2-normalise (or standardise) their inputs: invariant to positive rescaling
 SCALE_FREE = {"siglip", "simple_contrastive", "memory_queue", "hard_negative", "supcon", "ntxent",
               "distillation", "barlow_twins"}
@@ -46,18 +46,28 @@ def run(loss, name, image, text, ids=None, tids=None):
     return loss(image, text, image_ids=ids, text_ids=tids, **ctx)
 
 
-def prepared(name: str, dim: int, seed: int = 0):
-    """A loss ready for property tests: a memory queue gets a prefilled, frozen queue.
+def prepared(name: str, dim: int, seed: int = 0, **options):
+    """A loss ready for property tests: a memory queue gets a prefilled, frozen queue (or, in
+    global mode, bank); a prototypical loss a clustering of ids that the drawn batches partly
+    have (every 21st id up to 2100: some matched ids, lone texts and lone images have a
+    cluster, others none).
 
     The prefill puts the same rows and ids in both queues, so the swap test still applies.
     """
-    loss = make(name)
+    loss = make(name, **options)
     if name == "memory_queue":
         g = torch.Generator().manual_seed(seed)
         fill = torch.randn(5, dim, generator=g)
         ids = torch.arange(5) % 3  # ids that also occur in the drawn batches
-        loss(fill, fill, image_ids=ids, text_ids=ids)
+        if loss.active == "global":
+            loss.fill_bank(fill, ids, fill, ids)
+        else:
+            loss(fill, fill, image_ids=ids, text_ids=ids)
         loss.eval()  # no enqueueing: every call sees the same queue
+    if name == "prototypical":
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.arange(0, 2100, 21)
+        loss.cluster(torch.randn(len(ids), dim, generator=g), ids, epoch=0)
     return loss
 
 
@@ -207,6 +217,10 @@ def test_every_loss_is_registered_with_the_public_option_names():
 ENGINE_SKIP = {"itm"}
 ENGINE = {n: (n, {}) for n in sorted(set(mmfw.available("loss")) - ENGINE_SKIP)}
 ENGINE["infonce+smoothing"] = ("infonce", {"label_smoothing": 0.1})
+ENGINE["prototypical"] = ("prototypical", {"clusters": (3, 8)})  # small: one k-means each draw
+ENGINE["memory_queue+global"] = ("memory_queue", {"mode": "global"})
+ENGINE["memory_queue+batch"] = ("memory_queue", {"mode": "batch"})
+ENGINE["alignment+cosine"] = ("alignment", {"metric": "cosine"})
 LOSS = "<loss>"  # stands for the total in the tables below
 
 #: terms an added text whose id no image has leaves exactly as they were. The t2i terms are means
@@ -218,11 +232,16 @@ LOSS = "<loss>"  # stands for the total in the tables below
 #: anchor, both modalities), distillation (the hard part is reported only as the sum of both
 #: directions, and the soft KL covers every row), the i2t terms (the text is a new negative of
 #: every image), vicreg's variance / covariance and simple_contrastive's decor (all rows).
+#: Spectral's ``pos`` and alignment's whole loss are means over positive pairs; spectral's
+#: ``neg`` gains pairs. Prototypical's ``proto`` is left out: a row whose image was dropped
+#: still has its cluster (its id is a training image), so it is one more pulled row.
 KEEP_WITH_UNMATCHED_TEXT = {
     "infonce": ("t2i",), "infonce+smoothing": ("t2i",), "supcon": ("t2i",),
     "memory_queue": ("t2i",), "hard_negative": ("t2i",), "simple_contrastive": ("t2i", "mse"),
     "mixture": ("infonce.t2i",), "vicreg": ("invariance",),
     "barlow_twins": ("on_diag", "off_diag", LOSS), "siglip": ("pos",),
+    "memory_queue+global": ("t2i",), "memory_queue+batch": ("t2i",), "prototypical": ("t2i",),
+    "spectral": ("pos",), "alignment": ("cos", LOSS), "alignment+cosine": ("cos", LOSS),
 }
 #: the same for an added image whose id no text has, with the directions exchanged. SigLIP is
 #: left out: it divides by Bi, which the image changes (``pos * Bi`` stays; not asserted).
@@ -231,12 +250,16 @@ KEEP_WITH_UNMATCHED_IMAGE = {
     "memory_queue": ("i2t",), "hard_negative": ("i2t",), "simple_contrastive": ("i2t", "mse"),
     "mixture": ("infonce.i2t",), "vicreg": ("invariance",),
     "barlow_twins": ("on_diag", "off_diag", LOSS),
+    "memory_queue+global": ("i2t",), "memory_queue+batch": ("i2t",), "prototypical": ("i2t",),
+    "spectral": ("pos",), "alignment": ("cos", LOSS), "alignment+cosine": ("cos", LOSS),
 }
+#: the losses whose state the property tests prefill (``prepared``)
+STATEFUL = {"memory_queue", "prototypical"}
 
 
 def engine_loss(label: str, dim: int):
     name, options = ENGINE[label]
-    return prepared(name, dim) if name == "memory_queue" else make(name, **options)
+    return prepared(name, dim, **options) if name in STATEFUL else make(name, **options)
 
 
 def engine_run(loss, label, image, text, ids, tids):
@@ -789,3 +812,127 @@ def test_ids_that_do_not_match_the_rows_are_a_value_error() -> None:
         with pytest.raises(ValueError, match="one id per row"):
             mmfw.create("loss", name)(image, text, image_ids=torch.arange(4),
                                       text_ids=torch.arange(5))
+
+
+# ---- the seeds' remaining catalogue: spectral, alignment, prototypical, global negatives -----
+
+def ball(r, mu):
+    n = math.sqrt(sum(x * x for x in r))
+    return r if n < math.sqrt(mu) else [x / n * math.sqrt(mu) for x in r]
+
+
+def ref_spectral(v, t, ii, tt, mu=1.0):
+    """HaoChen et al. 2021, eq. 5 as the authors' code estimates it, positives by id."""
+    f, g = [ball(r, mu) for r in v], [ball(r, mu) for r in t]
+    pos, neg = [], []
+    for i in range(len(f)):
+        for j in range(len(g)):
+            (pos if ii[i] == tt[j] else neg).append(dot(f[i], g[j]))
+    attract = -2 * sum(pos) / max(len(pos), 1)
+    repel = sum(x * x for x in neg) / max(len(neg), 1)
+    return (attract + repel) / mu
+
+
+def ref_alignment(v, t, ii, tt, metric):
+    pairs = [(i, j) for i in range(len(v)) for j in range(len(t)) if ii[i] == tt[j]]
+    if metric == "cosine":
+        return sum(1 - dot(unit(v[i]), unit(t[j])) for i, j in pairs) / len(pairs)
+    d = len(v[0])
+    return sum((v[i][a] - t[j][a]) ** 2 for i, j in pairs for a in range(d)) / (len(pairs) * d)
+
+
+@pytest.mark.parametrize("mu", [1.0, 4.0])
+def test_spectral_matches_reference(mu):
+    v, t = fixed(7)
+    v[0] *= 0.1  # one row inside the ball: left as it is
+    got = make("spectral", mu=mu)(v, t, image_ids=ids_t()[0], text_ids=ids_t()[1])
+    check(got.loss, ref_spectral(*as_lists(v, t), IIDS, TIDS, mu))
+    check(got.terms["pos"] + got.terms["neg"], ref_spectral(*as_lists(v, t), IIDS, TIDS, mu))
+
+
+@pytest.mark.parametrize("metric", ["mse", "cosine"])
+def test_alignment_matches_reference(metric):
+    v, t = fixed(8)
+    got = make("alignment", metric=metric)(v, t, image_ids=ids_t()[0], text_ids=ids_t()[1])
+    check(got.loss, ref_alignment(*as_lists(v, t), IIDS, TIDS, metric))
+
+
+@fast
+@given(data=st.data(), e1=st.floats(-3, 3), e2=st.floats(-3, 3))
+def test_cosine_alignment_is_scale_free(data, e1, e2):
+    image, text, ids, tids = data.draw(batches())
+    loss = make("alignment", metric="cosine")
+    a = loss(image, text, image_ids=ids, text_ids=tids).loss
+    c = loss(image * 10**e1, text * 10**e2, image_ids=ids, text_ids=tids).loss
+    torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-4)
+
+
+def ref_prototypical(v, t, ii, tt, protos, tau=0.2, weight=1.0):
+    """ProtoNCE (Li et al. 2021, eq. 11) across modalities: instance InfoNCE plus, per
+    granularity, -log softmax over all prototypes (each at its own concentration) of the row's
+    cluster, averaged over the rows with a cluster and over the sides that have one.
+    ``protos``: [(centroids, phi, {id: cluster})] per granularity."""
+    def side(rows, ids):
+        per_m, any_known = [], False
+        for cents, phi, table in protos:
+            vals = []
+            for r, i in zip(rows, ids):
+                if i in table:
+                    logits = [dot(unit(r), unit(c)) / p for c, p in zip(cents, phi)]
+                    vals.append(lse(logits) - logits[table[i]])
+            any_known = any_known or bool(vals)
+            per_m.append(sum(vals) / max(len(vals), 1))
+        return sum(per_m) / len(per_m), any_known
+
+    (pv, hv), (pt, ht) = side(v, ii), side(t, tt)
+    proto = (pv * hv + pt * ht) / max(hv + ht, 1)
+    return ref_infonce(v, t, ii, tt, tau) + weight * proto
+
+
+def test_prototypical_matches_reference():
+    v, t = fixed(9)
+    g = torch.Generator().manual_seed(10)
+    known = [0, 1, 2, 4]  # id 3 (image 3) has no cluster; text 4's id does
+    sizes = [2, 3]
+    cents = torch.randn(sum(sizes), D, generator=g)
+    phi = torch.rand(sum(sizes), generator=g) * 0.3 + 0.05
+    assign = torch.tensor([[0, 1, 1, 0], [2, 0, 1, 2]])
+    loss = make("prototypical", clusters=(2, 3), proto_weight=0.7)
+    loss.set_prototypes(torch.tensor(known), assign, cents, phi, torch.tensor(sizes), epoch=0)
+    got = loss(v, t, image_ids=ids_t()[0], text_ids=ids_t()[1])
+    protos, start = [], 0
+    for m, k in enumerate(sizes):
+        protos.append((cents[start:start + k].tolist(), phi[start:start + k].tolist(),
+                       {i: int(assign[m, n]) for n, i in enumerate(known)}))
+        start += k
+    check(got.loss, ref_prototypical(*as_lists(v, t), IIDS, TIDS, protos, weight=0.7))
+    assert float(got.terms["proto"]) > 0
+    # without ids, or before any clustering: the instance term alone
+    check(make("prototypical")(v, t, image_ids=ids_t()[0], text_ids=ids_t()[1]).loss,
+          ref_infonce(*as_lists(v, t), IIDS, TIDS, 0.2))
+
+
+def test_global_negatives_match_reference():
+    """mode = "global": the bank's rows are extra candidates, same-id entries excluded."""
+    v0, t0 = fixed(5, b=4)
+    v, t = fixed(6)
+    ids0 = [0, 3, 9, 11]
+    loss = make("memory_queue", mode="global", learn_temperature=False)
+    loss.fill_bank(v0, torch.tensor(ids0), t0, torch.tensor(ids0))
+    got = loss(v, t, image_ids=ids_t()[0], text_ids=ids_t()[1]).loss
+
+    def side(a, b, qb, ia, ib):
+        rows, pos = [], []
+        for i, ra in enumerate(a):
+            row = [dot(unit(ra), unit(rb)) / 0.07 for rb in b]
+            row += [dot(unit(ra), unit(q)) / 0.07 for q, qi in zip(qb, ids0) if qi != ia[i]]
+            rows.append(row)
+            pos.append([ia[i] == x for x in ib] + [False] * (len(row) - len(b)))
+        return multi_ce(rows, pos)
+
+    vl, tl, v0l, t0l = as_lists(v, t, v0, t0)
+    check(got, (side(vl, tl, t0l, IIDS, TIDS) + side(tl, vl, v0l, TIDS, IIDS)) / 2)
+    assert int(loss.text_queue.count) == 0  # nothing is enqueued in global mode
+    batch = make("memory_queue", mode="batch", learn_temperature=False)
+    check(batch(v, t, image_ids=ids_t()[0], text_ids=ids_t()[1]).loss,
+          ref_infonce(*as_lists(v, t), IIDS, TIDS, 0.07))

@@ -65,8 +65,10 @@ def test_minimal_recipe_needs_only_data_and_encoders(write_recipe) -> None:
                                                            "text": {"name": "scratch-text"}}}
     r = mmfw.load_recipe(write_recipe(minimal))
     resolved = r.to_dict()
-    # the core's sections (an empty [callbacks] is left out) and the built-in callbacks'
-    assert set(resolved) == (set(TOP_LEVEL) - {"callbacks"}) | {"diagnostics", "distill"}
+    # the core's sections (an empty [callbacks] or [report] is left out) and the built-in
+    # callbacks'
+    assert set(resolved) == (set(TOP_LEVEL) - {"callbacks", "report"}) | {"diagnostics",
+                                                                          "distill"}
     assert resolved["loss"]["name"] == "infonce"
     assert resolved["backend"]["name"] == "auto"
     assert resolved["sampler"]["name"] == "random"

@@ -3,12 +3,20 @@
 ``scratch-vision`` is a small ViT built by ``timm.create_model`` with random weights.
 ``scratch-text`` is a small pre-norm transformer whose WordPiece tokenizer is trained on the
 run's training captions (``prepare``) and saved in the run directory (``save_assets``).
+
+Both can be exactly CLIP's towers (Radford et al. 2021; the seeds' "CLIP-style architecture",
+seed 001 §6.1): ``scratch-text`` with ``attention = "causal"``, ``pooling = "eot"``,
+``init = "clip"`` (and ``mlp_ratio = 4``); ``scratch-vision`` with ``ln_pre = true``,
+``pooling = "cls"``, ``init = "clip"``, ``norm_eps = 1e-5`` (and ``mlp_ratio = 4``);
+``activation = "quick_gelu"`` for OpenAI's models. open_clip's weights of the same shapes
+load into them and give the same features (tests/test_clip_towers.py).
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +36,13 @@ from .images import normalise, to_tensor
 
 _pos = attrs.validators.ge(1)
 
+Activation = Literal["gelu", "quick_gelu"]
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """OpenAI CLIP's activation, ``x * sigmoid(1.702 x)``."""
+    return x * torch.sigmoid(1.702 * x)
+
 
 @attrs.frozen
 class ScratchVisionOptions:
@@ -40,6 +55,15 @@ class ScratchVisionOptions:
     mlp_ratio: float = option(2.0, doc="MLP hidden width / width", validator=attrs.validators.gt(0))
     pooling: Literal["cls", "mean"] = option("mean", doc="class token or mean of patch tokens")
     base: str = option("vit_tiny_patch16_224", doc="timm architecture the options override")
+    ln_pre: bool = option(False, doc="LayerNorm after the patch and position embeddings, "
+                          "before the blocks (CLIP's ln_pre; the patch projection then has "
+                          "no bias, as CLIP's)")
+    init: Literal["timm", "clip"] = option("timm", doc="weight initialisation: timm's ViT "
+                                           "init, or CLIP's (class and position embeddings "
+                                           "N(0, width^-0.5), PyTorch's defaults elsewhere)")
+    norm_eps: float = option(1e-6, doc="epsilon of every LayerNorm (timm: 1e-6; CLIP: 1e-5)",
+                             validator=attrs.validators.gt(0))
+    activation: Activation = option("gelu", doc="MLP activation (quick_gelu: OpenAI CLIP's)")
 
     def __attrs_post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -58,11 +82,21 @@ class ScratchVision(nn.Module):
     def __init__(self, options: ScratchVisionOptions | None = None) -> None:
         super().__init__()
         o = self.options = options or ScratchVisionOptions()
+        extra: dict[str, object] = {}
+        if o.ln_pre:
+            extra["pre_norm"] = True
+        if o.norm_eps != 1e-6:
+            extra["norm_layer"] = partial(timm.layers.LayerNorm, eps=o.norm_eps)
+        if o.activation != "gelu":
+            extra["act_layer"] = o.activation
         self.model = timm.create_model(
             o.base, pretrained=False, num_classes=0, img_size=o.image_size,
             patch_size=o.patch_size, embed_dim=o.width, depth=o.depth, num_heads=o.heads,
             mlp_ratio=o.mlp_ratio, global_pool="token" if o.pooling == "cls" else "avg",
+            **extra,
         )
+        if o.init == "clip":
+            clip_vision_init(self.model)
         self.dim = int(self.model.num_features)
 
     def preprocess(self, image: Image.Image | Tensor) -> Tensor:
@@ -90,7 +124,39 @@ class ScratchVision(nn.Module):
         return timm_groups(self.model, prefix="model.")
 
 
+@torch.no_grad()
+def clip_vision_init(vit: nn.Module) -> None:
+    """OpenAI CLIP's initialisation of its ViT (open_clip's ``VisionTransformer``): class and
+    position embeddings ``N(0, width^-0.5)``; the blocks as ``nn.MultiheadAttention`` and
+    ``nn.Linear`` initialise themselves (in-projection Xavier-uniform with zero bias, out
+    projection PyTorch's default with zero bias, MLP PyTorch's default); the patch
+    projection PyTorch's default; LayerNorms ones and zeros."""
+    width = vit.embed_dim
+    if getattr(vit, "cls_token", None) is not None:
+        nn.init.normal_(vit.cls_token, std=width**-0.5)
+    if getattr(vit, "pos_embed", None) is not None:
+        nn.init.normal_(vit.pos_embed, std=width**-0.5)
+    vit.patch_embed.proj.reset_parameters()
+    for blk in vit.blocks:
+        nn.init.xavier_uniform_(blk.attn.qkv.weight)
+        if blk.attn.qkv.bias is not None:
+            nn.init.zeros_(blk.attn.qkv.bias)
+        blk.attn.proj.reset_parameters()
+        if blk.attn.proj.bias is not None:
+            nn.init.zeros_(blk.attn.proj.bias)
+        blk.mlp.fc1.reset_parameters()
+        blk.mlp.fc2.reset_parameters()
+    for m in vit.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.reset_parameters()
+
+
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+
+
+def _causal(length: int, device: torch.device) -> Tensor:
+    """Bool ``[L, L]``: query ``i`` may attend to key ``j <= i``."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
 
 
 @attrs.frozen
@@ -104,13 +170,26 @@ class ScratchTextOptions:
     mlp_ratio: float = option(2.0, doc="MLP hidden width / width", validator=attrs.validators.gt(0))
     dropout: float = option(0.0, doc="dropout in the transformer layers",
                             validator=[attrs.validators.ge(0), attrs.validators.lt(1)])
-    pooling: Literal["mean", "cls"] = option("mean", doc="mean of tokens or the [CLS] token")
+    pooling: Literal["mean", "cls", "eot"] = option(
+        "mean", doc="mean of tokens, the [CLS] token, or the last token ([SEP]: CLIP's "
+        "end-of-text pooling)")
     unpad: bool = option(True, doc="norms, projections and MLP on the real tokens only "
                          "(exact; padding costs nothing but in attention)")
+    attention: Literal["bidirectional", "causal"] = option(
+        "bidirectional", doc="every token attends to every token, or only to those before it "
+        "(CLIP's text transformer)")
+    init: Literal["default", "clip"] = option(
+        "default", doc="weight initialisation: PyTorch's layers' own (embeddings N(0, 0.02)), "
+        "or CLIP's (token N(0, 0.02), position N(0, 0.01), attention and MLP weights scaled "
+        "by width and depth)")
+    activation: Activation = option("gelu", doc="MLP activation (quick_gelu: OpenAI CLIP's)")
 
     def __attrs_post_init__(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"'width' ({self.width}) must be divisible by 'heads' ({self.heads})")
+        if self.attention == "causal" and self.pooling == "cls":
+            raise ValueError("'pooling' = \"cls\" with causal attention sees the first token "
+                             "only: use \"eot\" (CLIP) or \"mean\"")
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, max_length: int) -> Tokenizer:
@@ -161,7 +240,8 @@ class ScratchText(nn.Module):
         self.pos = nn.Parameter(torch.randn(o.max_length, o.width) * 0.02)
         layer = EncoderLayer(
             o.width, o.heads, int(o.width * o.mlp_ratio), dropout=o.dropout,
-            activation="gelu", batch_first=True, norm_first=True,
+            activation="gelu" if o.activation == "gelu" else quick_gelu, batch_first=True,
+            norm_first=True,
         )
         # parameters of nn.TransformerEncoder (checkpoint keys), run by attention.encoder_forward
         self.layers = nn.TransformerEncoder(layer, o.depth, enable_nested_tensor=False)
@@ -169,7 +249,23 @@ class ScratchText(nn.Module):
             check_layer(each)
         self.norm = nn.LayerNorm(o.width)
         nn.init.normal_(self.embed.weight, std=0.02)
+        if o.init == "clip":
+            self._clip_init()
         self.dim = o.width
+
+    @torch.no_grad()
+    def _clip_init(self) -> None:
+        """CLIP's text initialisation (open_clip ``TextTransformer.init_parameters``)."""
+        o = self.options
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.pos, std=0.01)
+        attn_std, fc_std = o.width**-0.5, (2 * o.width) ** -0.5
+        proj_std = o.width**-0.5 * (2 * o.depth) ** -0.5
+        for layer in self.layers.layers:
+            nn.init.normal_(layer.self_attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(layer.self_attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(layer.linear1.weight, std=fc_std)
+            nn.init.normal_(layer.linear2.weight, std=proj_std)
 
     # tokenizer lifecycle ------------------------------------------------------------------
     def prepare(self, train_texts: Iterable[str]) -> None:
@@ -207,20 +303,29 @@ class ScratchText(nn.Module):
     def forward_tokens(self, tokens: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Normalised token features ``[B, L, width]`` and the attention mask ``[B, L]``."""
         ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()
+        causal = self.options.attention == "causal"
         if self.options.unpad:  # embed and run only the real tokens (one host sync: nonzero)
             packed = Packed.of(mask)
+            if causal:  # keys: real and not after the query ([B, 1, L, L])
+                packed = packed._replace(keep=packed.keep & _causal(ids.shape[1], ids.device))
             # F.embedding, not pos[...]: advanced indexing's backward accumulates in a
             # thread-dependent order on CPU, and a run must be reproducible
             x = self.embed(packed.pack(ids)) + F.embedding(packed.rows % packed.length,
                                                            self.pos)
             return packed.unpack(self.norm(encoder_forward(self.layers, x, packed))), mask
         x = self.embed(ids) + self.pos[: ids.shape[1]]
-        return self.norm(encoder_forward(self.layers, x, mask[:, None, None, :])), mask
+        keep = mask[:, None, None, :]
+        if causal:
+            keep = keep & _causal(ids.shape[1], ids.device)
+        return self.norm(encoder_forward(self.layers, x, keep)), mask
 
     def pool_tokens(self, x: Tensor, mask: Tensor) -> Tensor:
         """The pooled ``[B, width]`` embedding of ``forward_tokens``'s output."""
         if self.options.pooling == "cls":
             return x[:, 0]
+        if self.options.pooling == "eot":  # the last real token: [SEP], CLIP's end of text
+            last = mask.long().sum(1).sub(1).clamp_min(0)
+            return x[torch.arange(x.shape[0], device=x.device), last]
         m = mask.unsqueeze(-1).to(x.dtype)
         return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 

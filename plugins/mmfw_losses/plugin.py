@@ -1,18 +1,25 @@
-"""Built-in losses, registered through the ``mmfw`` entry point ``losses``."""
+"""Built-in losses, registered through the ``mmfw`` entry point ``losses``, and the callbacks
+that build the state some of them need from the whole training set (``prototypes`` for
+``prototypical``, ``global-negatives`` for ``memory_queue`` in global mode)."""
 
 from mmfw.spi import hookimpl
 
+from .alignment import Alignment
 from .barlow_twins import BarlowTwins
 from .decorrelation import Decorrelation
 from .distillation import Distillation
+from .global_negatives import global_negatives_callback
 from .hard_negative import HardNegative
 from .infonce import InfoNCE
 from .itm import ITM
 from .memory_queue import MemoryQueue
 from .mixture import Mixture
 from .ntxent import NTXent
+from .prototypes import prototypes_callback
+from .prototypical import Prototypical
 from .siglip import SigLIP
 from .simple_contrastive import SimpleContrastive
+from .spectral import Spectral
 from .supcon import SupCon
 from .vicreg import VICReg
 
@@ -33,4 +40,12 @@ def mmfw_losses():
         "distillation": Distillation,
         "mixture": Mixture,
         "itm": ITM,
+        "prototypical": Prototypical,
+        "spectral": Spectral,
+        "alignment": Alignment,
     }
+
+
+@hookimpl
+def mmfw_callbacks():
+    return {"prototypes": prototypes_callback, "global-negatives": global_negatives_callback}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import sys
 from collections.abc import Iterable, Mapping
@@ -272,7 +271,7 @@ class Recipe:
         """Each callback's own table: ``[section]`` or ``[callbacks.<name>]`` (tables of the
         core, such as ``[eval]``, are written with the core's sections)."""
         out: dict[str, Any] = {}
-        for name, p in self.callbacks.items():
+        for p in self.callbacks.values():
             if p.section in TOP_LEVEL:
                 continue
             values = p.values()
@@ -567,28 +566,56 @@ def callback_sections() -> list[str]:
                    and s not in TOP_LEVEL})
 
 
+def _why_unavailable(name: str) -> str | None:
+    """Why callback ``name`` cannot run here (its factory's ``why_unavailable()``: a missing
+    optional package, said with the extra that installs it), or None."""
+    why = getattr(get_factory("callback", name), "why_unavailable", None)
+    return why() if callable(why) else None
+
+
+def _listed(run: RunConfig) -> dict[str, tuple[str, ...]]:
+    """The callbacks a recipe asks for, by the table holding their options."""
+    return {"callbacks": run.callbacks, "report": run.report_to}
+
+
+def _check_listed(head: str, names: tuple[str, ...]) -> None:
+    key, installed = CALLBACK_TABLES[head], available("callback")
+    trackers = [n for n in installed if _section_of(n) == f"report.{n}"]
+    choices = trackers if head == "report" else installed
+    what = "tracker" if head == "report" else "callback"
+    for i, name in enumerate(names):
+        if name not in choices:
+            near = close_matches(name, choices)
+            hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+            raise RecipeError(f"unknown {what}.{hint}", key=f"{key}[{i}]",
+                              expected="one of " + (", ".join(choices) or "(none installed)"),
+                              given=name)
+        why = _why_unavailable(name)
+        if why:
+            raise RecipeError(why, key=f"{key}[{i}]")
+
+
 def _callbacks(data: Mapping[str, Any], run: RunConfig) -> dict[str, Plugin]:
-    """Every callback of the run (the default ones and ``run.callbacks``), its options
-    validated from the table it names."""
+    """Every callback of the run (the default ones, ``run.callbacks`` and the trackers of
+    ``run.report_to``), its options validated from the table it names."""
     default = [n for n in available("callback")
                if getattr(get_factory("callback", n), "default", False)]
-    for i, name in enumerate(run.callbacks):
-        if name not in available("callback"):
-            near = close_matches(name, available("callback"))
-            hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-            raise RecipeError(f"unknown callback.{hint}", key=f"run.callbacks[{i}]",
-                              expected="one of " + ", ".join(available("callback")),
-                              given=name)
-    names = [*default, *(n for n in run.callbacks if n not in default)]
-    extra = _table(data, "callbacks")
-    for key in extra:
-        if key not in names:
-            near = close_matches(key, names)
-            hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-            raise RecipeError(f"options for a callback the run does not use.{hint} List it in "
-                              "run.callbacks", key=f"callbacks.{key}",
-                              expected="one of " + ", ".join(run.callbacks or ["(none)"]),
-                              given=f"[callbacks.{key}] table")
+    listed = _listed(run)
+    for head, given in listed.items():
+        _check_listed(head, given)
+    names = list(dict.fromkeys([*default, *listed["callbacks"], *listed["report"]]))
+    tables = {head: _table(data, head) for head in CALLBACK_TABLES}
+    for head, table in tables.items():
+        for key in table:
+            if key not in names or (head == "report" and _section_of(key) != f"report.{key}"):
+                candidates = [n for n in names if _section_of(n) == f"{head}.{n}"]
+                near = close_matches(key, candidates)
+                hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+                raise RecipeError(f"options for a {'tracker' if head == 'report' else 'callback'}"
+                                  f" the run does not use.{hint} List it in "
+                                  f"{CALLBACK_TABLES[head]}", key=f"{head}.{key}",
+                                  expected="one of " + ", ".join(listed[head] or ["(none)"]),
+                                  given=f"[{head}.{key}] table")
     out: dict[str, Plugin] = {}
     for name in names:
         section = _section_of(name)
@@ -596,7 +623,13 @@ def _callbacks(data: Mapping[str, Any], run: RunConfig) -> dict[str, Plugin]:
             out[name] = Plugin("callback", name, None, section)
             continue
         head, _, sub = section.partition(".")
-        table = _table(extra, sub) if head == "callbacks" else _table(data, section)
+        if head in tables and sub:  # [callbacks.<name>], [report.<name>]
+            try:
+                table = _table(tables[head], sub)
+            except RecipeError as err:
+                raise err.within(prefix=head) from None
+        else:
+            table = _table(data, section)
         try:
             options = make_options("callback", name, table)
         except RecipeError as err:

@@ -40,15 +40,18 @@ def _check_event(name: str, cb: object, method: Callable[..., Any]) -> None:
 
 
 def callback_names(recipe: Recipe) -> list[str]:
-    """The callbacks of a run: every default one, then those ``run.callbacks`` lists."""
+    """The callbacks of a run: every default one, then those ``run.callbacks`` lists, then
+    the trackers of ``run.report_to``."""
     names = [n for n in available("callback") if getattr(get_factory("callback", n),
                                                          "default", False)]
-    for i, name in enumerate(recipe.run.callbacks):
+    listed = [(f"run.callbacks[{i}]", n) for i, n in enumerate(recipe.run.callbacks)]
+    listed += [(f"run.report_to[{i}]", n) for i, n in enumerate(recipe.run.report_to)]
+    for key, name in listed:
         if name not in available("callback"):
             try:
                 get_factory("callback", name)
             except PluginError as err:
-                raise RecipeError(str(err), key=f"run.callbacks[{i}]", given=name) from None
+                raise RecipeError(str(err), key=key, given=name) from None
         if name not in names:
             names.append(name)
     return names

@@ -32,7 +32,7 @@ from .callbacks import Callbacks
 from .checkpointer import Checkpointer, Progress
 from .context import TrainerContext
 from .optimisation import Optimisation
-from .rows import Throughput, train_row
+from .rows import SystemStats, Throughput, train_row
 from .setup import check_parts, claim, prepare_assets
 from .step import ContrastiveStep
 
@@ -164,13 +164,18 @@ class Trainer:
         self.opt.losses.train()
         fire("on_run_start", ctx)
         speed, stop = Throughput(), None
+        self.system = SystemStats(self.device)
         try:
             while stop is None and p.epoch < r.epochs:
                 self.sampler.set_epoch(p.epoch)
+                waited = time.perf_counter()  # the loader's time: from here to its batch
                 for batch in self.loader:
+                    began = time.perf_counter()
                     out, img, txt, lr = self.run_step(batch)
-                    elapsed = time.perf_counter() - t0
-                    speed.add(len(batch) * self.world.world_size)  # the global batch
+                    done = time.perf_counter()
+                    elapsed = done - t0
+                    speed.add(len(batch) * self.world.world_size,  # the global batch
+                              data_s=began - waited, compute_s=done - began)
                     row = self._row(out, img, txt, batch, lr, speed) \
                         if p.step % r.log_every == 0 or p.step == self.total_steps else None
                     fire("on_step_end", ctx, StepEnd(out, img, txt, batch, lr, row))
@@ -184,6 +189,7 @@ class Trainer:
                         stop = self.strategy.agree(stop)
                     if stop:
                         break
+                    waited = time.perf_counter()
                 if p.step >= (p.epoch + 1) * self.steps_per_epoch:
                     p.epoch += 1
                     fire("on_epoch_end", ctx, p.epoch)
@@ -206,8 +212,11 @@ class Trainer:
         """The train row of this log step, logged (every rank computes it: under
         ``local_loss`` its loss is averaged across them)."""
         opt = self.opt
+        times = speed.take_all()
         row = train_row(step=self.progress.step, epoch=self.progress.epoch, output=out,
-                        image=img, text=txt, batch=batch, lr=lr, samples_per_s=speed.take(),
+                        image=img, text=txt, batch=batch, lr=lr,
+                        samples_per_s=times.pop("samples_per_s"),
+                        system={**times, **self.system.take()},
                         temperature=self.ctx.temperature(), stats=opt.stats,
                         stage=opt.plan.index if opt.staged and opt.plan else None,
                         accumulate=self.recipe.optim.accumulate,
