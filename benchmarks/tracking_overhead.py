@@ -22,13 +22,14 @@ timing wrapper, so the wrapper costs both alike):
 - ``system_ms_per_step``: time in the system metrics (``SystemStats.take`` and
   ``Throughput.take_all``, once per train row, and the loop's three clock reads per step);
 - ``overhead_pct = (trackers + system) / step_ms(off)``: what tracking with system metrics
-  adds to a step; ``wall_pct = (step_ms(on) - step_ms(off)) / step_ms(off)``, the trackers'
-  cost through the wall clock (noisier);
+  adds to a step; ``wall_pct``: the trackers' cost through the wall clock, the median over
+  rounds of ``step_ms(on) / step_ms(off) - 1`` (rounds ordered off-on, on-off, ...; noisier:
+  a shared 2-core machine drifts by several per cent between rounds);
 - the one-off costs of the "on" side: opening the three tracker runs (imports, W&B's service
   process) and closing them (plots and files stored).
 
-    python benchmarks/tracking_overhead.py                  # quickstart, 200 steps, 2 rounds
-    python benchmarks/tracking_overhead.py --steps 400 --rounds 3 --threads 2
+    python benchmarks/tracking_overhead.py                  # quickstart, 100 steps, 6 rounds
+    python benchmarks/tracking_overhead.py --steps 200 --rounds 4 --threads 2
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def train_rows(run_dir: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.toml"))
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps per round")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds per side, alternating")
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per round")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds per side, alternating")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=str(OUT), help="write the result as JSON here")
@@ -120,7 +121,7 @@ def main() -> None:
 
     timers = Timers()
     instrument(timers)
-    sides: dict[str, dict[str, list[float]]] = {s: {"step": [], "data": []}
+    sides: dict[str, dict[str, list[float]]] = {s: {"step": [], "data": [], "rounds": []}
                                                 for s in ("off", "on")}
     steps_on = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,34 +137,38 @@ def main() -> None:
         trackers = [f"run.report_to={json.dumps(list(TRACKERS))}",
                     f"report.mlflow.tracking_uri=file:{tmp}/mlruns"]
         for i in range(args.rounds):
-            for side in ("off", "on"):
+            for side in ("off", "on") if i % 2 == 0 else ("on", "off"):  # ABBA: drift cancels
                 recipe = mmfw.load_recipe(args.recipe, [*common, f"run.name={side}-{i}",
                                                         *(trackers if side == "on" else [])])
                 result = mmfw.train(recipe, console=lambda _: None)
                 rows = train_rows(result.run_dir)[1:]  # the first row holds the warm-up
                 sides[side]["step"] += [r["time/step_s"] for r in rows]
                 sides[side]["data"] += [r["time/data_frac"] for r in rows]
+                sides[side]["rounds"].append(statistics.mean(r["time/step_s"] for r in rows))
                 steps_on += result.steps if side == "on" else 0
-                print(f"round {i + 1} {side:3}: {1e3 * statistics.mean(sides[side]['step']):.1f}"
-                      " ms/step so far", flush=True)
+                print(f"round {i + 1} {side:3}: {1e3 * sides[side]['rounds'][-1]:.1f} ms/step",
+                      flush=True)
         step_off = statistics.mean(sides["off"]["step"])
         step_on = statistics.mean(sides["on"]["step"])
+        paired = [on / off - 1 for on, off in zip(sides["on"]["rounds"],
+                                                   sides["off"]["rounds"], strict=True)]
         trackers_s = timers.sum(TRACKERS, PER_ROW_EVENTS) / steps_on
-        rows_total = args.rounds * 2  # system metrics run on both sides: per step of both
         system_s = (timers.sum(("system",), ("take", "take_all")) / (steps_on * 2)
                     + clock_reads_s())
         opened = timers.sum(TRACKERS, ("on_run_start",)) / args.rounds
         closed = timers.sum(TRACKERS, ("on_run_end",)) / args.rounds
     result = {
         **record.new_result(), "recipe": Path(args.recipe).name, "steps": args.steps,
-        "rounds": args.rounds, "threads": args.threads, "runs": rows_total,
+        "rounds": args.rounds, "threads": args.threads,
         "log_every": recipe.run.log_every,
         "step_ms": {"off": 1e3 * step_off, "on": 1e3 * step_on},
         "data_frac": {s: statistics.mean(v["data"]) for s, v in sides.items()},
         "trackers_ms_per_step": 1e3 * trackers_s,
         "system_ms_per_step": 1e3 * system_s,
         "overhead_pct": 100 * (trackers_s + system_s) / step_off,
-        "wall_pct": 100 * (step_on - step_off) / step_off,
+        "wall_pct": 100 * statistics.median(paired),
+        "wall_pct_by_round": [100 * d for d in paired],
+        "step_ms_by_round": {s: [1e3 * x for x in v["rounds"]] for s, v in sides.items()},
         "open_trackers_s": opened, "close_trackers_s": closed,
         "per_tracker_ms_per_step": {n: 1e3 * timers.sum((n,), PER_ROW_EVENTS) / steps_on
                                     for n in TRACKERS},
