@@ -35,15 +35,14 @@ def tracker_env(tmp_path: Path) -> dict[str, str]:
             "DO_NOT_TRACK": "true", "MLFLOW_ALLOW_FILE_STORE": "true"}
 
 
-def tracked(tmp_path: Path, name: str = "tracked", **sections: Any) -> dict:
+def tracked(tmp_path: Path, name: str = "tracked") -> dict:
     """8 steps, a row every 2, a checkpoint every 4, diagnostics every 3, all trackers."""
-    data = tiny_recipe(
+    return tiny_recipe(
         tmp_path / "runs", name,
         run={"max_steps": 8, "log_every": 2, "checkpoint_every": 4, "keep_last": 3,
              "report_to": TRACKERS},
         eval={"val_split": ""}, diagnostics={"every": 3, "map_points": 0},
         report={"mlflow": {"tracking_uri": f"file:{tmp_path / 'mlruns'}"}})
-    return tiny_recipe(tmp_path / "runs", name, **{**data, **sections})
 
 
 def rows(run_dir: Path, kind: str = "train") -> list[dict]:
@@ -172,6 +171,7 @@ print(json.dumps(importers))
 """
 
 
+@pytest.mark.slow
 def test_a_run_without_trackers_imports_none_and_profiles_its_steps(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(tomli_w.dumps(tiny_recipe(
@@ -263,6 +263,7 @@ def wandb_history(run_folder: Path) -> list[dict[str, Any]]:
     return out
 
 
+@pytest.mark.slow
 def test_trackers_get_every_row_and_a_killed_run_resumes_the_same_tracker_runs(
         tmp_path, write_recipe, monkeypatch):
     env = tracker_env(tmp_path)

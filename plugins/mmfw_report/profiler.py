@@ -80,8 +80,8 @@ class Profiler(Callback):
         prof.export_chrome_trace(str(trace))
         cuda = ctx.device.type == "cuda"
         averages = prof.key_averages()
-        table = averages.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                               row_limit=30)
+        by = "self_device_time_total" if cuda else "self_cpu_time_total"
+        table = averages.table(sort_by=by, row_limit=30)
         (out / "top_ops.txt").write_text(
             f"torch.profiler, optimizer steps {first}-{last} of {ctx.recipe.run.name}\n\n"
             f"{table}\n", encoding="utf-8")
