@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from click.testing import CliRunner, Result
@@ -97,3 +99,22 @@ def assert_user_error(result: Result, *fragments: str, code: int = 2) -> str:
         assert fragment in out, f"{fragment!r} not in {out!r}"
     return out
 
+
+def load_package(path: Path) -> ModuleType:
+    """Import a contrib package from its source folder, without installing it."""
+    name = path.name
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, path / "__init__.py", submodule_search_locations=[str(path)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def mmfw_cli(site: Path, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m mmfw ARGS`` with distributions installed in ``site`` importable."""
+    env = dict(SUBPROCESS_ENV)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "mmfw", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)

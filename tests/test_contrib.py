@@ -14,13 +14,11 @@ import importlib.metadata
 import importlib.util
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import attrs
 import pytest
@@ -30,7 +28,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import mmfw
-from helpers import SUBPROCESS_ENV, TINY, assert_user_error, cli
+from helpers import TINY, assert_user_error, cli, load_package, mmfw_cli
 from mmfw.errors import DataError, RecipeError
 from mmfw.eval.retrieval import METRIC_KEYS
 from mmfw.options import build, describe
@@ -40,18 +38,6 @@ CONTRIB = ROOT / "contrib"
 LOSS_DIST, ENCODER_DIST = "mmfw-loss-example", "mmfw-encoder-example"
 LOSS_PKG = CONTRIB / LOSS_DIST / "src" / "mmfw_dcl"
 ENCODER_PKG = CONTRIB / ENCODER_DIST / "src" / "mmfw_cnn_encoders"
-
-
-def load_package(path: Path) -> ModuleType:
-    """Import a contrib package from its source folder, without installing it."""
-    name = path.name
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, path / "__init__.py", submodule_search_locations=[str(path)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 dcl_pkg = load_package(LOSS_PKG)
@@ -80,14 +66,6 @@ def site(tmp_path_factory) -> Path:
         capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return target
-
-
-def mmfw_cli(site: Path, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m mmfw ARGS`` with the contrib distributions importable."""
-    env = dict(SUBPROCESS_ENV)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, "-m", "mmfw", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def contrib_recipe(output_dir: Path) -> dict:

@@ -13,17 +13,15 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 import mmfw
-from helpers import SUBPROCESS_ENV, deep_merge, tiny_recipe
+from helpers import deep_merge, load_package, mmfw_cli, tiny_recipe
 from mmfw.registry import get_factory, plugin_manager, unregister
 from mmfw.run import checkpoint as ckpt
 from mmfw.spi import RecipeError
@@ -45,26 +43,6 @@ def small(output_dir: Path | str, name: str = "tiny", **sections) -> dict:
 
 def using_csv_log(output_dir: Path | str, name: str = "tiny", **sections) -> dict:
     return small(output_dir, name, **deep_merge(CSV_LOG, sections))
-
-
-def load_package(path: Path) -> ModuleType:
-    """Import a contrib package from its source folder, without installing it."""
-    name = path.name
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, path / "__init__.py", submodule_search_locations=[str(path)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def mmfw_cli(site: Path, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m mmfw ARGS`` with the installed distribution importable."""
-    env = dict(SUBPROCESS_ENV)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, "-m", "mmfw", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def jsonl(run_dir: Path) -> list[dict]:
