@@ -88,6 +88,17 @@ def batches(draw, min_b=1, max_b=64, min_d=1, max_d=128, lo=-6.0, hi=6.0, distin
     return image, text, ids, ids[torch.randperm(b, generator=g)]
 
 
+def assert_finite_step(loss, out, image, text) -> None:
+    """A scalar, finite loss and terms, and finite gradients everywhere after backward."""
+    assert out.loss.shape == ()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(v).all() for v in out.terms.values())
+    out.loss.backward()
+    assert torch.isfinite(image.grad).all() and torch.isfinite(text.grad).all()
+    for p in loss.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+
+
 # ---- properties ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", NEW)
@@ -101,13 +112,7 @@ def test_finite_loss_and_gradients(name, data):
     text.requires_grad_(True)
     loss = prepared(name, image.shape[1])
     out = run(loss, name, image, text, ids, tids)
-    assert out.loss.shape == ()
-    assert torch.isfinite(out.loss)
-    assert all(torch.isfinite(v).all() for v in out.terms.values())
-    out.loss.backward()
-    assert torch.isfinite(image.grad).all() and torch.isfinite(text.grad).all()
-    for p in loss.parameters():
-        assert p.grad is None or torch.isfinite(p.grad).all()
+    assert_finite_step(loss, out, image, text)
 
 
 def close(a, b):
@@ -310,13 +315,7 @@ def test_finite_loss_and_gradients_on_engine_batches(label, data):
     text.requires_grad_(True)
     loss = engine_loss(label, image.shape[1])
     out = engine_run(loss, label, image, text, ids, tids)
-    assert out.loss.shape == ()
-    assert torch.isfinite(out.loss)
-    assert all(torch.isfinite(v).all() for v in out.terms.values())
-    out.loss.backward()
-    assert torch.isfinite(image.grad).all() and torch.isfinite(text.grad).all()
-    for p in loss.parameters():
-        assert p.grad is None or torch.isfinite(p.grad).all()
+    assert_finite_step(loss, out, image, text)
 
 
 @fast
