@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config.recipe import Recipe
-from ..registry import available, create, get_factory
+from ..registry import create
 from ..spi.capabilities import Stateful, check
-from ..spi.errors import PluginError, RecipeError
+from ..spi.errors import PluginError
 from ..spi.hookspecs import EVENTS, Callback
 
 
@@ -37,24 +37,6 @@ def _check_event(name: str, cb: object, method: Callable[..., Any]) -> None:
     if len(params) != len(spec) and not (varargs and len(params) <= len(spec)):
         raise PluginError(f"callback {type(cb).__name__}.{name}({', '.join(params)}) does not "
                           f"match the event {name}({', '.join(spec)}) of mmfw.spi.hookspecs")
-
-
-def callback_names(recipe: Recipe) -> list[str]:
-    """The callbacks of a run: every default one, then those ``run.callbacks`` lists, then
-    the trackers of ``run.report_to``."""
-    names = [n for n in available("callback") if getattr(get_factory("callback", n),
-                                                         "default", False)]
-    listed = [(f"run.callbacks[{i}]", n) for i, n in enumerate(recipe.run.callbacks)]
-    listed += [(f"run.report_to[{i}]", n) for i, n in enumerate(recipe.run.report_to)]
-    for key, name in listed:
-        if name not in available("callback"):
-            try:
-                get_factory("callback", name)
-            except PluginError as err:
-                raise RecipeError(str(err), key=key, given=name) from None
-        if name not in names:
-            names.append(name)
-    return names
 
 
 class Callbacks:
@@ -81,10 +63,10 @@ class Callbacks:
 
     @classmethod
     def build(cls, recipe: Recipe) -> Callbacks:
-        items = {}
-        for name in callback_names(recipe):
-            items[name] = create("callback", name, options=recipe.callback_options(name))
-        return cls(items)
+        # the recipe resolved and validated which callbacks run (defaults, run.callbacks,
+        # run.report_to) when it was loaded
+        return cls({name: create("callback", name, options=recipe.callback_options(name))
+                    for name in recipe.callbacks})
 
     def add(self, name: str, callback: object) -> None:
         """Take part in a run already built (a notebook, a benchmark's instrumentation)."""
