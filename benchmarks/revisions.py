@@ -16,6 +16,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import record  # benchmarks/record.py
@@ -52,7 +53,8 @@ with tempfile.TemporaryDirectory() as tmp:
 
 def run(python: str, recipe: str, steps: int, warmup: int, threads: int) -> dict:
     out = subprocess.run([python, "-c", CHILD, recipe, str(steps), str(warmup), str(threads)],
-                         capture_output=True, text=True, check=True, cwd=HERE.parent)
+                         capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
+    # (not the checkout: its build metadata would shadow tree A's entry points)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
