@@ -79,8 +79,13 @@ class ImageCache:
         if self.marker_path.is_file():
             self._check(complete=True)
             return
-        present = [path.is_file() for path, _ in self._files()]
-        if present[2] and not all(present):  # flags are placed last: the others were lost
+        # flags first: they are placed last, so once they are seen the others were placed
+        # before (looked at in placing order, another process could place all three between
+        # the looks and the set would seem damaged)
+        files = self._files()
+        flags_there = files[-1][0].is_file()
+        present = [path.is_file() for path, _ in files[:-1]] + [flags_there]
+        if flags_there and not all(present):  # the others were lost
             self._damaged("files are missing")
         if not all(present):
             free = shutil.disk_usage(self.dir).free

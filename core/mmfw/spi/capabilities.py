@@ -81,8 +81,17 @@ class PreparedEncoder(Protocol):
     def load_assets(self, directory: Any) -> None: ...
 
 
+@runtime_checkable
+class MergesAdapters(Protocol):
+    """An encoder carrying trainable adapters (LoRA through peft) that can fold them into its
+    own weights: after ``merge_adapters()`` it computes the same outputs with plain modules,
+    so an export needs no peft."""
+
+    def merge_adapters(self) -> None: ...
+
+
 CAPABILITIES: tuple[type, ...] = (Stateful, StagedScheduler, StageLosses, MomentumScheduler,
-                                  Uint8Vision, TokenEncoder)
+                                  Uint8Vision, TokenEncoder, MergesAdapters)
 
 
 def _methods(cap: type) -> list[str]:
@@ -107,6 +116,7 @@ def check(component: object, what: str, capabilities: Iterable[type] = CAPABILIT
 
 __all__ = [
     "CAPABILITIES",
+    "MergesAdapters",
     "MomentumScheduler",
     "PreparedEncoder",
     "StageLosses",

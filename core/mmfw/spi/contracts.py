@@ -232,6 +232,21 @@ class StagePlan(NamedTuple):
     loss: str | None = None
 
 
+@runtime_checkable
+class Exporter(Protocol):
+    """Writes a run's model in one format (``mmfw export --format <name>``).
+
+    ``refuse(run)``: None when the run maps to this format exactly, else one sentence saying
+    which tower or adapter does not map and which formats would take it (shown to the user as
+    is). ``export(run, output)``: write the format's files into the folder ``output`` (made
+    if missing) and return it. ``run`` is a :class:`mmfw.LoadedRun`.
+    """
+
+    def refuse(self, run: Any) -> str | None: ...
+
+    def export(self, run: Any, output: Path) -> Path: ...
+
+
 def has_assets(module: nn.Module) -> bool:
     return callable(getattr(module, "save_assets", None))
 
@@ -240,6 +255,6 @@ def asset_dir(run_dir: Path, modality: Modality) -> Path:
     return Path(run_dir) / "assets" / modality
 
 __all__ = [
-    'Backend', 'DatasetSource', 'Encoder', 'Item', 'Loss', 'LossOutput', 'Modality', 'Problem',
+    'Backend', 'DatasetSource', 'Encoder', 'Exporter', 'Item', 'Loss', 'LossOutput', 'Modality', 'Problem',
     'Row', 'Sampler', 'Scheduler', 'Split', 'StagePlan', 'asset_dir', 'has_assets',
 ]

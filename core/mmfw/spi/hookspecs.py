@@ -129,6 +129,17 @@ def mmfw_callbacks() -> Factories:
     """Run participants receiving the lifecycle events (see :class:`Callback`)."""
 
 
+@kind("exporter", produces="Exporter: refuse(run) -> reason or None; export(run, output) "
+      "-> folder")
+def mmfw_exporters() -> Factories:
+    """Export formats for ``mmfw export RUN_DIR --format <name>``: each factory makes an
+    :class:`~mmfw.spi.contracts.Exporter`. ``refuse(run)`` says in one sentence why the run's
+    model cannot be written in this format (the tower or adapter that does not map, and the
+    formats that would take it), or returns None; ``export(run, output)`` writes the folder
+    and returns it. ``run`` is a :class:`mmfw.LoadedRun` (model on the CPU, in eval mode, with
+    LoRA adapters merged into their towers)."""
+
+
 # Catalogues (optional): not component kinds, but data an encoder plugin offers users.
 
 
@@ -206,5 +217,5 @@ EVENTS: tuple[str, ...] = tuple(n for n in vars(Callback) if n.startswith("on_")
 
 __all__ = ["EVENTS", "KINDS", "Callback", "Factories", "Kind", "RunContext", "StepEnd",
            "hookimpl", "hookspec", "kind", "mmfw_adapters", "mmfw_backends", "mmfw_callbacks",
-           "mmfw_datasets", "mmfw_encoders", "mmfw_losses", "mmfw_models", "mmfw_presets",
+           "mmfw_datasets", "mmfw_encoders", "mmfw_exporters", "mmfw_losses", "mmfw_models", "mmfw_presets",
            "mmfw_samplers", "mmfw_schedulers"]

@@ -1,0 +1,1 @@
+"""Built-in export formats (``mmfw export RUN_DIR --format <name>``)."""
