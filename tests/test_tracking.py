@@ -71,6 +71,19 @@ def test_report_to_lists_trackers_configured_by_their_report_tables(write_recipe
     assert plain.run.profile.steps == 0
 
 
+def test_trackers_and_profiling_may_be_added_on_resume_but_nothing_else(write_recipe, tmp_path):
+    from mmfw.run.resume import recipe_changes
+
+    plain = mmfw.load_recipe(write_recipe(tiny_recipe(tmp_path)))
+    observed = mmfw.load_recipe(write_recipe(tiny_recipe(
+        tmp_path, run={"max_steps": 8, "report_to": TRACKERS, "profile": {"start": 2}},
+        report={"mlflow": {"tracking_uri": f"file:{tmp_path / 'mlruns'}"}}), "b.toml"))
+    trained = mmfw.load_recipe(write_recipe(tiny_recipe(
+        tmp_path, run={"report_to": ["tensorboard"]}, loss={"temperature": 0.1}), "c.toml"))
+    assert recipe_changes(plain, observed) == []
+    assert recipe_changes(plain, trained) == ["loss.temperature: 0.07 -> 0.1"]
+
+
 @pytest.mark.parametrize(("change", "key", "fragment"), [
     ({"run": {"report_to": ["tensorbord"]}}, "run.report_to[0]", "Did you mean 'tensorboard'"),
     ({"run": {"report_to": ["console"]}}, "run.report_to[0]", "unknown tracker"),

@@ -1,29 +1,35 @@
-"""What may change between a run and its resumption: run length, and how work is shared."""
+"""What may change between a run and its resumption: run length, how work is shared, and
+where the run is reported (a tracker added on resume starts logging from there)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
-#: recipe keys that may change between a run and its resumption (run length only)
+#: recipe keys (or whole tables) that may change between a run and its resumption
 RESUMABLE_CHANGES = ("run.epochs", "run.max_steps", "run.max_minutes", "run.progress",
                      "run.log_every", "run.keep_last", "run.checkpoint_every",
                      # how the work is shared never changes the checkpoint format
                      "distributed.strategy", "distributed.local_loss", "distributed.fsdp_units",
-                     "distributed.reshard_after_forward", "distributed.timeout_minutes")
+                     "distributed.reshard_after_forward", "distributed.timeout_minutes",
+                     # observing the run never changes what it computes
+                     "run.report_to", "run.profile", "report")
 
 
 def dict_changes(a: dict[str, Any], b: dict[str, Any], ignore: Iterable[str] = (),
                  prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf that differs, ``ignore`` (dotted keys) left out."""
+    """``key: old -> new`` for every leaf that differs, ``ignore`` (dotted keys or tables) left
+    out."""
     skip = set(ignore)
     out = []
     for k in sorted(set(a) | set(b)):
         key = f"{prefix}{k}"
+        if key in skip:
+            continue
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
             out.extend(dict_changes(va, vb, skip, key + "."))
-        elif va != vb and key not in skip:
+        elif va != vb:
             out.append(f"{key}: {va!r} -> {vb!r}")
     return out
 

@@ -30,6 +30,10 @@ behaves as the unbroken one. A callback factory may declare:
   factory's ``Options``. Default: ``callbacks.<name>``.
 - ``default = True``: it runs in every run (the built-in ones do). Other callbacks run when
   the recipe lists them: ``run.callbacks = ["<name>", ...]``.
+- ``why_unavailable()``: None when it can run here, else one sentence saying why not (a
+  missing optional package, with the extra that installs it: ``pip install mmfw[wandb]``);
+  a recipe that lists it is refused with that sentence at its key. Checked when the recipe
+  is loaded, so the package is imported only by runs that use it.
 - ``order`` (on the component): callbacks are called by ascending ``order`` (default 0),
   then by name.
 """
