@@ -49,6 +49,8 @@ TINY: dict[str, Any] = {
     },
     "loss": {"name": "infonce"},
     "schedule": {"name": "warmup-cosine", "warmup_steps": 5},
+    # matplotlib is most of a tiny run's time: tests that look at plots turn them on
+    "plots": {"enabled": False},
 }
 
 

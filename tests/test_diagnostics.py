@@ -227,7 +227,7 @@ def test_stop_on_collapse_ends_cleanly_and_still_evaluates(tmp_path) -> None:
     assert (result.run_dir / "checkpoints" / f"step-{result.steps:08d}.json").is_file()
 
 
-HEALTHY = {"run": {"epochs": 4}, "optim": {"lr": 2e-3},
+HEALTHY = {"run": {"epochs": 4}, "optim": {"lr": 2e-3}, "plots": {"enabled": True},
            "diagnostics": {"every": 10, "grace_steps": 20, "map_method": "tsne"}}
 
 
@@ -269,7 +269,7 @@ def test_a_failing_plot_never_loses_the_metrics(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(mmfw.tools.plots, "similarity_histogram", broken)
     said: list[str] = []
     data = tiny_recipe(tmp_path, name="ink", run={"max_steps": 2},
-                       diagnostics={"map_method": "pca"})
+                       diagnostics={"map_method": "pca"}, plots={"enabled": True})
     result = mmfw.train(mmfw.load_recipe(data), console=said.append)
     assert json.loads((result.run_dir / "metrics.json").read_text()) == result.metrics
     assert any("could not draw similarity.png: RuntimeError: no ink" in s for s in said)

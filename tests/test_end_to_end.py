@@ -45,7 +45,7 @@ def _steps(run_dir: Path) -> list[int]:
 def trained(tmp_path_factory) -> tuple[Path, Path, str]:
     """One tiny run, trained with `mmfw run` in-process: (recipe path, run dir, CLI output)."""
     root = tmp_path_factory.mktemp("e2e")
-    recipe = _write(root / "tiny.toml", tiny_recipe(root / "runs"))
+    recipe = _write(root / "tiny.toml", tiny_recipe(root / "runs", plots={"enabled": True}))
     result = cli("run", recipe)
     assert result.exit_code == 0, result.output
     return recipe, root / "runs" / "tiny", result.output

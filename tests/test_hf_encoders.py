@@ -490,7 +490,7 @@ def test_timm_rows_match_timm():
 def test_presets_are_dimension_matched():
     table = presets()
     assert {name: p.width for name, p in table.items()} == {"small": 384, "medium": 512,
-                                                            "large": 768}
+                                                            "large": 768, "clip-b32": 512}
     for p in table.values():
         assert _width(p.vision["model"]) == p.width == _width(p.text["model"])
         mmfw.registry.make_options("encoder", p.vision["name"],

@@ -68,7 +68,7 @@ def test_minimal_recipe_needs_only_data_and_encoders(write_recipe) -> None:
     # the core's sections (an empty [callbacks] or [report] is left out) and the built-in
     # callbacks'
     assert set(resolved) == (set(TOP_LEVEL) - {"callbacks", "report"}) | {"diagnostics",
-                                                                          "distill"}
+                                                                          "distill", "plots"}
     assert resolved["loss"]["name"] == "infonce"
     assert resolved["backend"]["name"] == "auto"
     assert resolved["sampler"]["name"] == "random"

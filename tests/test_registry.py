@@ -20,6 +20,7 @@ BUILT_INS = {
     "backend": ["cpu", "auto", "cuda", "mps"],
     "scheduler": ["warmup-cosine", "constant"],
     "adapter": ["linear", "identity"],
+    "exporter": ["mmfw", "hf", "open_clip", "onnx"],
 }
 
 
@@ -68,7 +69,7 @@ def test_available_without_kind_is_a_dict_of_every_kind() -> None:
     everything = mmfw.available()
     assert set(everything) == set(KINDS)
     assert set(KINDS) == {"encoder", "adapter", "loss", "sampler", "backend", "scheduler",
-                          "dataset", "callback"}
+                          "dataset", "callback", "exporter"}
     for kind, names in everything.items():
         assert names == mmfw.available(kind)
 

@@ -71,7 +71,8 @@ def test_setting_names_and_run_dirs(tmp_path) -> None:
 def test_sweep_2x1_on_the_tiny_recipe(tmp_path) -> None:
     recipe = _recipe(tmp_path, run={"epochs": 1})
     result = cli("sweep", recipe, "--grid", "loss.temperature=0.05,0.2",
-                 "--grid", "optim.lr=2e-3", "--set", "diagnostics.map_points=0")
+                 "--grid", "optim.lr=2e-3", "--set", "diagnostics.map_points=0",
+                 "--set", "plots.enabled=true")
     assert result.exit_code == 0, result.output
     sweep_dir = tmp_path / "runs" / "tiny-sweep"
     names = ["temperature=0.05-lr=2e-3", "temperature=0.2-lr=2e-3"]
@@ -101,10 +102,12 @@ def test_sweep_2x1_on_the_tiny_recipe(tmp_path) -> None:
 
     # the same sweep again: refused, then --resume keeps the finished settings
     assert_user_error(cli("sweep", recipe, "--grid", "loss.temperature=0.05,0.2", "--grid",
-                          "optim.lr=2e-3", "--set", "diagnostics.map_points=0"),
+                          "optim.lr=2e-3", "--set", "diagnostics.map_points=0",
+                          "--set", "plots.enabled=true"),
                       "already exist", "--resume", "--overwrite")
     again = cli("sweep", recipe, "--grid", "loss.temperature=0.05,0.2", "--grid",
-                "optim.lr=2e-3", "--set", "diagnostics.map_points=0", "--resume")
+                "optim.lr=2e-3", "--set", "diagnostics.map_points=0",
+                "--set", "plots.enabled=true", "--resume")
     assert again.exit_code == 0, again.output
     assert "2 settings (2 already done)" in again.output
     assert "training:" not in again.output

@@ -42,6 +42,7 @@ def tracked(tmp_path: Path, name: str = "tracked") -> dict:
         run={"max_steps": 8, "log_every": 2, "checkpoint_every": 4, "keep_last": 3,
              "report_to": TRACKERS},
         eval={"val_split": ""}, diagnostics={"every": 3, "map_points": 0},
+        plots={"enabled": True},  # the trackers get the plots too
         report={"mlflow": {"tracking_uri": f"file:{tmp_path / 'mlruns'}"}})
 
 

@@ -1,10 +1,12 @@
 """mmfw: train image-text dual encoders from pretrained unimodal encoders, with plugins.
 
 Public API: :func:`create`, :func:`available`, :func:`load_recipe`, :func:`train`,
-:func:`evaluate`, :func:`load_run`; plugin authors import :mod:`mmfw.spi`.
+:func:`evaluate`, :func:`load_run`, :func:`load` (embed with a trained model); plugin
+authors import :mod:`mmfw.spi`.
 """
 
 from .config.recipe import Recipe, load_recipe
+from .inference import Collection, Model, load
 from .registry import available, create, make_options, register
 from .run.dispatch import train
 from .run.loaded import LoadedRun, ensemble_members, evaluate, load_run
@@ -16,10 +18,12 @@ from .spi.hookspecs import hookimpl
 __version__ = "0.1.0"
 
 __all__ = [
+    "Collection",
     "DataError",
     "LoadedRun",
     "LossOutput",
     "MmfwError",
+    "Model",
     "PluginError",
     "Recipe",
     "RecipeError",
@@ -30,6 +34,7 @@ __all__ = [
     "ensemble_members",
     "evaluate",
     "hookimpl",
+    "load",
     "load_recipe",
     "load_run",
     "make_options",

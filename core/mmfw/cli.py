@@ -149,31 +149,43 @@ def _list_models(pattern: str | None) -> None:
 @click.option("--data", "data", multiple=True, metavar="KEY=VALUE",
               help="Override a [data] key of the run's recipe, e.g. --data test_images=5000.")
 @click.option("--batch-size", type=int, default=None)
+@click.option("--task", type=click.Choice(["retrieval", "zeroshot"]), default="retrieval",
+              show_default=True, help="retrieval: Recall@K by eval.protocol; zeroshot: "
+              "zero-shot classification by [eval.zeroshot] (--split names its labelled split).")
+@click.option("--zeroshot", "zeroshot", multiple=True, metavar="KEY=VALUE",
+              help="Override an [eval.zeroshot] key, e.g. --zeroshot dataset=labelled "
+              "--zeroshot options.path=imagenet/val.")
 @_friendly
 def eval_(run_dirs: tuple[Path, ...], split: str | None, data: tuple[str, ...],
-          batch_size: int | None) -> None:
+          batch_size: int | None, task: str, zeroshot: tuple[str, ...]) -> None:
     """Evaluate the model in a run directory: Recall@1/5/10 both ways and rsum, as JSON.
 
     Several RUN_DIRS (or one ensemble directory) are evaluated as an ensemble: their cosine
-    similarities are averaged, on the first run's data.
+    similarities are averaged, on the first run's data. --task zeroshot gives top-1, top-5
+    and mean per-class accuracy of zero-shot classification instead.
     """
     from .run.loaded import evaluate
 
     target = run_dirs[0] if len(run_dirs) == 1 else list(run_dirs)
-    click.echo(json.dumps(evaluate(target, split=split, data=data, batch_size=batch_size),
-                          indent=2))
+    click.echo(json.dumps(evaluate(target, split=split, data=data, batch_size=batch_size,
+                                   task=task, zeroshot=zeroshot), indent=2))
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the page (default: RUN_DIR/report.html).")
+@click.option("--failures", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Worst-ranked test queries shown each way, with thumbnails (default 10; "
+              "0: none, and the model is not loaded).")
 @_friendly
-def report(run_dir: Path, out: Path | None) -> None:
-    """Write a self-contained HTML report of RUN_DIR: recipe, metrics, diagnostics, plots."""
+def report(run_dir: Path, out: Path | None, failures: int | None) -> None:
+    """Write a self-contained HTML report of RUN_DIR: recipe, metrics, diagnostics, plots,
+    and the worst-ranked queries of the test split."""
     from .tools.report import write_report
 
-    click.echo(str(write_report(run_dir, out)))
+    extra = {} if failures is None else {"failures": failures}
+    click.echo(str(write_report(run_dir, out, **extra)))
 
 
 @main.command()
@@ -195,3 +207,145 @@ def sweep(recipe: Path, grid: tuple[str, ...], overrides: tuple[str, ...], jobs:
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
     run_sweep(plan_sweep(recipe, grid, overrides), jobs=jobs, resume=resume, overwrite=overwrite)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--last", "last", type=int, required=True, metavar="N",
+              help="Average the newest N checkpoints (uniform weights).")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory to write (default: RUN_DIR-avg<N>).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output run directory.")
+@_friendly
+def average(run_dir: Path, last: int, output: Path | None, overwrite: bool) -> None:
+    """Average the last N checkpoints of RUN_DIR into a new run directory; compare it on val
+    with each of them (table in average.md / average.json)."""
+    from .tools.weights import average_run
+
+    average_run(run_dir, last, output, overwrite=overwrite, say=click.echo)
+
+
+@main.command()
+@click.argument("run_a", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_b", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--alpha", "alpha", default="0,0.25,0.5,0.75,1", show_default=True,
+              help="Comma-separated weights of RUN_B, in [0, 1].")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of the interpolated runs (default: RUN_A-to-<RUN_B name>).")
+@click.option("--overwrite", is_flag=True, help="Replace existing interpolated run directories.")
+@_friendly
+def interpolate(run_a: Path, run_b: Path, alpha: str, output: Path | None,
+                overwrite: bool) -> None:
+    """WiSE-FT: theta = (1-alpha) RUN_A + alpha RUN_B for each alpha, each written as a run
+    directory and compared on val (table in interpolate.md / interpolate.json)."""
+    from .tools.weights import interpolate_runs, parse_alphas
+
+    interpolate_runs(run_a, run_b, parse_alphas(alpha), output, overwrite=overwrite,
+                     say=click.echo)
+
+
+# ------------------------------------------------------------------------------------------
+# using a trained model: export, push, embed, search (docs/using-a-model.md)
+
+_checkpoint = click.option("--checkpoint", type=click.Choice(["auto", "latest", "best"]),
+                           default="auto", show_default=True,
+                           help="Which checkpoint: the one metrics.json was made with (auto), "
+                           "the latest, or the best on val.")
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", default="mmfw", show_default=True, metavar="FORMAT",
+              help="mmfw (opens with mmfw.load), hf, open_clip or onnx (`mmfw list exporter`).")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder to write (default: RUN_DIR/export/<format>).")
+@_checkpoint
+@_friendly
+def export(run_dir: Path, fmt: str, output: Path | None, checkpoint: str) -> None:
+    """Export the model of RUN_DIR in one format, with a model card (README.md)."""
+    from .inference.exporting import export_run
+
+    click.echo(str(export_run(run_dir, fmt, output, checkpoint=checkpoint)))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--format", "fmt", default="mmfw", show_default=True, metavar="FORMAT",
+              help="Export format to upload (see mmfw export).")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the export is written first (default: RUN_DIR/export/<format>).")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@_checkpoint
+@_friendly
+def push(run_dir: Path, repo_id: str, fmt: str, output: Path | None, private: bool,
+         checkpoint: str) -> None:
+    """Export RUN_DIR and upload it to the Hugging Face Hub model repository REPO_ID."""
+    from .inference.exporting import push_run
+
+    click.echo(push_run(run_dir, repo_id, fmt, output=output, private=private,
+                        checkpoint=checkpoint))
+
+
+_device = click.option("--device", default=None,
+                       help="torch device (default: the run's backend where available, else cpu).")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", default=None, help="A split of the run's dataset (test, val, ...).")
+@click.option("--modality", type=click.Choice(["image", "text"]), default="image",
+              show_default=True, help="With --split: embed its images or its captions.")
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="A folder of image files (sub-folders included).")
+@click.option("--texts", type=click.Path(path_type=Path), default=None,
+              help="A text file, one caption per line.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="OUT.safetensors (embeddings, ids + metadata) or OUT.npy (+ OUT.ids.json).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@_device
+@_friendly
+def embed(run_dir: Path, split: str | None, modality: str, images: Path | None,
+          texts: Path | None, output: Path, batch_size: int, device: str | None) -> None:
+    """Embed a split, a folder of images or a file of captions with the model of RUN_DIR
+    (a run, an ensemble or an mmfw export) into a collection for `mmfw search`."""
+    from .inference.collection import SUFFIXES
+    from .inference.embedding import embed_collection
+    from .inference.model import load
+
+    if output.suffix not in SUFFIXES:
+        raise click.UsageError(f"--output must end in {' or '.join(SUFFIXES)}")
+    model = load(run_dir, device=device)
+    coll = embed_collection(model, split=split, modality=modality, images=images, texts=texts,
+                            batch_size=batch_size)
+    path = coll.save(output)
+    click.echo(f"{path}: {len(coll)} {coll.modality} embeddings of width {coll.embed_dim}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--collection", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="A file written by `mmfw embed`.")
+@click.option("--text", default=None, help="A caption to search with.")
+@click.option("--image", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="An image file to search with.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--faiss-above", type=click.IntRange(min=0), default=200_000, show_default=True,
+              help="Collections with more rows use faiss's exact IndexFlatIP (when faiss is "
+              "installed); smaller ones a matrix product.")
+@_device
+@_friendly
+def search(run_dir: Path, collection: Path, text: str | None, image: Path | None, k: int,
+           faiss_above: int, device: str | None) -> None:
+    """The K rows of a collection most similar to a caption or an image: rank, cosine score,
+    id and label (path or caption)."""
+    from .inference.embedding import search_collection
+    from .inference.model import load
+
+    if (text is None) == (image is None):
+        raise click.UsageError("give exactly one of --text, --image")
+    model = load(run_dir, device=device)
+    hits = search_collection(model, collection, text=text, image=image, k=k,
+                             faiss_above=faiss_above)
+    for rank, score, ident, label in hits:
+        click.echo(f"{rank:>4}  {score:+.4f}  {ident:>6}  {label}")

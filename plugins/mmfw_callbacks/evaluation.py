@@ -4,8 +4,10 @@ with best-checkpoint tracking, and the final evaluation that writes ``metrics.js
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
+from mmfw.eval.zeroshot import check_zeroshot, evaluate_zeroshot
 from mmfw.spi import Callback, RunContext
 
 
@@ -88,16 +90,38 @@ class FinalEvaluation(Callback):
     def __init__(self, options: Any) -> None:
         self.eval = options
 
+    def on_run_start(self, ctx: RunContext) -> None:
+        if self.eval.zeroshot.enabled:  # a wrong split: said before training
+            line, items = check_zeroshot(ctx.recipe)
+            ctx.say(line)
+            ctx.final_work(items)  # a budget-fitted schedule keeps its time
+
     def on_run_end(self, ctx: RunContext, stopped_by: str) -> None:
         best = ctx.run_dir.best_checkpoint() if self.eval.restore_best else None
         if best is not None and best != ctx.step:
             ctx.load_weights(best)
             ctx.say(f"final evaluation with the best checkpoint, step {best} "
                     "(eval.restore_best)")
-        metrics = ctx.evaluate(self.eval.split)
+        metrics = ctx.evaluate(self.eval.split, final=True)
+        if self.eval.zeroshot.enabled:  # with the weights ctx.evaluate used (EMA's, say)
+            metrics = {**metrics, **self.zeroshot(ctx)}
         if ctx.is_main:
             ctx.run_dir.write_metrics(metrics)
         ctx.report_eval(self.eval.split, metrics, final=True)
+
+
+    def zeroshot(self, ctx: RunContext) -> dict[str, float]:
+        """``[eval.zeroshot]``'s metrics, on rank 0 (the others get none: they write nothing)."""
+        t0 = time.perf_counter()
+        with ctx.whole_model() as model:
+            metrics = evaluate_zeroshot(
+                model, ctx.recipe, run_dir=ctx.run_dir.path, say=ctx.say, device=ctx.device,
+                autocast=ctx.backend.autocast, main=ctx.is_main) if ctx.is_main else {}
+            model.train()
+        if metrics:
+            ctx.say(f"zero-shot {self.eval.zeroshot.split or 'test'} "
+                    f"({time.perf_counter() - t0:.1f}s): " + _fmt(metrics))
+        return metrics
 
 
 def _on_eval(cls: type) -> Any:

@@ -4,13 +4,28 @@ never loses the metrics, already on disk."""
 
 from __future__ import annotations
 
-from mmfw.spi import Callback, RunContext
+import attrs
+
+from mmfw.spi import Callback, RunContext, option
+
+
+@attrs.frozen
+class PlotsOptions:
+    enabled: bool = option(True, doc="draw plots/ when the run ends (training curves, "
+                           "diagnostics, and with diagnostics.map_points the similarity "
+                           "histogram, spectrum and embedding map); false: no plots (matplotlib "
+                           "takes a second or two per figure on a small CPU)")
 
 
 class Plots(Callback):
     order = 20  # after the final evaluation (metrics.json first)
 
+    def __init__(self, options: PlotsOptions) -> None:
+        self.enabled = options.enabled
+
     def on_run_end(self, ctx: RunContext, stopped_by: str) -> None:
+        if not self.enabled:
+            return
         from mmfw.tools.plots import run_plots  # matplotlib: only when a run ends
 
         with ctx.whole_model():
@@ -18,9 +33,11 @@ class Plots(Callback):
                 run_plots(ctx, ctx.recipe.eval.split)
 
 
-def plots(options: None) -> Plots:
+def plots(options: PlotsOptions) -> Plots:
     """The run's plots (drawn as ``[diagnostics]`` map_method / map_points say)."""
-    return Plots()
+    return Plots(options)
 
 
+plots.Options = PlotsOptions  # type: ignore[attr-defined]
+plots.section = "plots"  # type: ignore[attr-defined]
 plots.default = True  # type: ignore[attr-defined]

@@ -1,12 +1,13 @@
 """The built-in callbacks, registered through the ``mmfw`` entry-point group like any other
 plugin: metrics log, console, diagnostics and the collapse detector, validation, early
-stopping, the final evaluation, plots and the distillation teacher."""
+stopping, the final evaluation, plots, the distillation teacher and the EMA of the weights."""
 
 from __future__ import annotations
 
 from mmfw.spi import Factories, hookimpl
 
 from .diagnostics import diagnostics_callback
+from .ema import ema
 from .evaluation import early_stopping, final_evaluation, validation
 from .log import console, metrics_log
 from .plots import plots
@@ -24,4 +25,5 @@ def mmfw_callbacks() -> Factories:
         "final-evaluation": final_evaluation,
         "plots": plots,
         "teacher": teacher_callback,
+        "ema": ema,
     }

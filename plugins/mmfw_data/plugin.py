@@ -3,6 +3,7 @@
 from mmfw.spi import hookimpl
 
 from .karpathy import KarpathyDataset
+from .labelled import LabelledDataset
 from .samplers import BalancedSampler, CurriculumSampler, RandomSampler, SemanticGroupsSampler
 from .shards import WebDataset
 from .synthetic import SyntheticDataset
@@ -17,6 +18,7 @@ def mmfw_datasets():
         "csv": CsvDataset,
         "jsonl": JsonlDataset,
         "webdataset": WebDataset,
+        "labelled": LabelledDataset,
     }
 
 

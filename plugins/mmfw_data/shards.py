@@ -93,6 +93,10 @@ class WebDatasetOptions:
                         validator=_no_shell)
     val: str = option("", doc="val shards ('': no val split)", validator=_no_shell)
     test: str = option("", doc="test shards ('': no test split)", validator=_no_shell)
+    root: str = option("", doc="a CLIP_benchmark webdataset folder (clip_benchmark_export_wds: "
+                       "<split>/nshards.txt and <split>/0.tar ..., samples .webp|.jpg + .txt "
+                       "with one caption a line): its splits, where train / val / test name "
+                       "no shards")
     mode: Literal["stream", "indexed"] = option(
         "stream", doc="train by streaming the shards (any URL), or by indexing local "
         "uncompressed shards into a map-style split (every sampler, the cache, exact resume)")
@@ -511,15 +515,32 @@ class WebDataset:
 
     def __init__(self, options: WebDatasetOptions) -> None:
         self.options = options
-        self.splits = tuple(s for s in SPLITS if getattr(options, s))
+        self.splits = tuple(s for s in SPLITS if getattr(options, s) or self._counted(s))
         if not self.splits:
-            raise ValueError("give the shards of at least one split: train, val or test")
+            raise ValueError("give the shards of at least one split: train, val or test" +
+                             (f" (root {options.root} has no <split>/nshards.txt)"
+                              if options.root else ""))
         self._made: dict[str, ShardSplit] = {}
+
+    def _counted(self, name: str) -> Path | None:
+        """``root/<name>/nshards.txt`` (CLIP_benchmark's layout), if there is one."""
+        if not self.options.root:
+            return None
+        path = Path(self.options.root).expanduser() / name / "nshards.txt"
+        return path if path.is_file() else None
 
     def _urls(self, name: str) -> list[str]:
         if name not in self.splits:
             raise KeyError(f"webdataset has splits {self.splits}, not '{name}'")
-        return expand(getattr(self.options, name), f"data.{name}")
+        count = None if getattr(self.options, name) else self._counted(name)
+        if count is None:
+            return expand(getattr(self.options, name), f"data.{name}")
+        try:
+            n = int(count.read_text().strip())
+        except (OSError, ValueError) as err:
+            raise DataError(f"{count}: not a shard count ({err})") from None
+        return expand("::".join(str(count.parent / f"{i}.tar") for i in range(n)),
+                      f"data.root ({name})")
 
     def split(self, name: str) -> ShardSplit:
         if name not in self._made:

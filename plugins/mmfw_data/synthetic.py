@@ -33,7 +33,13 @@ COLOURS = {
 SIZES = {"small": 0.10, "large": 0.16}  # radius as a fraction of the image side
 # where a lone shape sits: 3x3 grid cells named in captions
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
-SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_029}
+SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_029, "zeroshot": 3_000_017}
+#: prompt templates of the zeroshot split, in the captions' own wording (the quickstart's
+#: tokenizer learns its vocabulary from the captions, so "a photo of" would be unknown words)
+ZEROSHOT_TEMPLATES = {
+    "shape": ("a {c}", "a single {c}", "there is a {c}", "one {c} on a dark background"),
+    "colour": ("a {c} shape", "something {c}", "one {c} thing on a dark background"),
+}
 DIFFICULTY = {  # (probability of 1, 2, 3, 4 shapes; distractors)
     "easy": ((0.5, 0.5, 0.0, 0.0), False),
     "medium": ((0.2, 0.4, 0.4, 0.0), False),  # lone shapes repeat descriptions: keep them rarer
@@ -57,6 +63,11 @@ class SyntheticOptions:
         "colour jitter"
     )
     seed: int = option(0, doc="data seed (independent of run.seed, so runs share data)")
+    zeroshot_images: int = option(0, doc="images in the labelled 'zeroshot' split (0: no such "
+                                  "split): one shape each, labelled by zeroshot_label, for "
+                                  "[eval.zeroshot]", validator=attrs.validators.ge(0))
+    zeroshot_label: Literal["shape", "colour"] = option(
+        "shape", doc="what the class of a 'zeroshot' image is: its shape or its colour")
 
 
 @attrs.frozen
@@ -240,21 +251,52 @@ class SyntheticSplit:
         return self._captions[index]
 
 
+class ZeroShotSplit(SyntheticSplit):
+    """The labelled ``zeroshot`` split: one shape per image, its class the shape (or colour),
+    classes in turn so each has the same number of images; also a caption split."""
+
+    def __init__(self, options: SyntheticOptions) -> None:
+        n, side = options.zeroshot_images, options.image_size
+        by_shape = options.zeroshot_label == "shape"
+        self.classnames = SHAPES if by_shape else tuple(COLOURS)
+        self.templates = ZEROSHOT_TEMPLATES[options.zeroshot_label]
+        distract = DIFFICULTY[options.difficulty][1]
+        rng = random.Random(options.seed * 7_919 + SPLIT_OFFSETS["zeroshot"])
+        images = np.empty((n, side, side, 3), dtype=np.uint8)
+        self._captions, self.scenes, self._labels = [], [], []
+        for i in range(n):
+            label = i % len(self.classnames)
+            shape = _scene(rng, 1)[0]
+            shape = attrs.evolve(shape, **{"kind" if by_shape else "colour":
+                                           self.classnames[label]})
+            images[i] = _draw([shape], side, rng, distract)
+            self._captions.append(_captions([shape], options.captions_per_image, rng))
+            self.scenes.append([shape])
+            self._labels.append(label)
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        self.id_offset = SPLIT_OFFSETS["zeroshot"]
+
+    def label(self, index: int) -> int:
+        return self._labels[index]
+
+
 class SyntheticDataset:
     """Factory product of ``synthetic``: splits are made on first use and kept."""
 
-    splits = ("train", "val", "test")
     Options = SyntheticOptions
 
     def __init__(self, options: SyntheticOptions | None = None) -> None:
         self.options = options or SyntheticOptions()
+        self.splits = ("train", "val", "test", *(("zeroshot",) if self.options.zeroshot_images
+                                                 else ()))
         self._made: dict[str, SyntheticSplit] = {}
 
     def split(self, name: str) -> SyntheticSplit:
         if name not in self.splits:
             raise KeyError(f"synthetic has splits {self.splits}, not '{name}'")
         if name not in self._made:
-            self._made[name] = SyntheticSplit(self.options, name)
+            self._made[name] = ZeroShotSplit(self.options) if name == "zeroshot" else \
+                SyntheticSplit(self.options, name)
         return self._made[name]
 
     def sample_image(self, index: int = 0, split: str = "train") -> Image.Image:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 
@@ -118,11 +120,25 @@ class EncoderLayer(nn.TransformerEncoderLayer):
         return encoder_layer_forward(self, src, keep)
 
 
-def encoder_forward(encoder: nn.TransformerEncoder, x: Tensor, keep: Tensor | Packed
-                    ) -> Tensor:
+def encoder_forward(encoder: nn.TransformerEncoder, x: Tensor, keep: Tensor | Packed, *,
+                    checkpoint: bool = False) -> Tensor:
     """``encoder(x, src_key_padding_mask=~keep[:, 0, 0])`` through ``encoder_layer_forward``
-    (``x`` packed ``[N, W]`` when ``keep`` is a :class:`Packed`)."""
+    (``x`` packed ``[N, W]`` when ``keep`` is a :class:`Packed`).
+
+    ``checkpoint``: each layer runs under ``torch.utils.checkpoint`` (non-reentrant, RNG state
+    saved and restored, so the recomputed dropout masks are the first pass's): its
+    activations are recomputed in the backward pass instead of stored.
+    """
     for layer in encoder.layers:
-        x = (layer(x, keep=keep) if isinstance(layer, EncoderLayer)
-             else encoder_layer_forward(layer, x, keep))
+        if checkpoint:
+            x = torch.utils.checkpoint.checkpoint(_run_layer, layer, x, keep,
+                                                  use_reentrant=False)
+        else:
+            x = _run_layer(layer, x, keep)
     return encoder.norm(x) if encoder.norm is not None else x
+
+
+def _run_layer(layer: nn.TransformerEncoderLayer, x: Tensor, keep: Tensor | Packed) -> Tensor:
+    if isinstance(layer, EncoderLayer):
+        return layer(x, keep=keep)
+    return encoder_layer_forward(layer, x, keep)

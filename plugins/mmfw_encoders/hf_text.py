@@ -26,6 +26,7 @@ from mmfw.spi import option, require_code
 
 from . import hub
 from .groups import transformer_groups
+from .lora import LoraOptions, apply_lora, merge_lora
 
 #: pooled features: the first token, the mean of real tokens, or the model's own pooler
 #: (BERT's dense+tanh over [CLS], trained for next-sentence prediction)
@@ -60,6 +61,12 @@ class HFTextOptions:
                                     "options (revision, attn_implementation); "
                                     "trust_remote_code = true needs mmfw --allow-code",
                                     validator=no_remote_code)
+    grad_checkpointing: bool = option(False, doc="recompute each layer's activations in the "
+                                      "backward pass instead of storing them (transformers' "
+                                      "gradient checkpointing, non-reentrant): less memory, "
+                                      "about one more forward of compute; same gradients")
+    lora: LoraOptions | None = option(None, doc="[model.text.lora]: LoRA adapters via peft, "
+                                      "the rest of the tower frozen (table below)")
 
 
 def clean_text(text: object) -> str:
@@ -92,6 +99,26 @@ def load_model(source: hub.Source, encoder: str, pretrained: bool, kwargs: dict[
         return hub.load(source, AutoModel.from_pretrained, encoder, "model", **kwargs)
     config = hub.load(source, AutoConfig.from_pretrained, encoder, "config", **kwargs)
     return AutoModel.from_config(config, trust_remote_code=bool(trust))
+
+
+def enable_checkpointing(model: nn.Module, encoder: str) -> None:
+    """transformers' gradient checkpointing (``gradient_checkpointing_enable``, in
+    transformers 5 ``activation_checkpointing_enable``), non-reentrant
+    (``torch.utils.checkpoint`` with ``use_reentrant=False``): it needs no input that
+    requires grad, so it works with frozen embeddings and LoRA, and it restores the RNG
+    state when it recomputes a layer (same dropout masks; GradCache's re-forward replays its
+    own saved state around it)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{encoder}: {type(model).__name__} does not support gradient "
+                         "checkpointing in transformers: set grad_checkpointing = false")
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):  # transformers >= 5.x names it so; the old name warns, goes in v6
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model.config, "use_cache", False):  # an encoder keeps no cache; saves a warning
+        model.config.use_cache = False
 
 
 def drop_pooler(model: nn.Module) -> None:
@@ -139,6 +166,11 @@ class HFText(nn.Module):
                                  if n in params)
         self.dim = self._probe()
         check_width("hf-text", self.model, self.dim)
+        if o.grad_checkpointing:
+            enable_checkpointing(self.model, "hf-text")
+        if o.lora is not None:
+            apply_lora(self.model, o.lora, section="model.text", groups=self.named_groups(),
+                       prefix="model.")
 
     def _probe(self) -> int:
         """Width of a real forward pass over a caption of ``max_length`` tokens."""
@@ -179,3 +211,8 @@ class HFText(nn.Module):
 
     def named_groups(self) -> dict[str, list[str]]:
         return transformer_groups((n for n, _ in self.named_parameters()), root="model.")
+
+    def merge_adapters(self) -> None:
+        """Fold LoRA adapters into the weights: ``self.model`` is a plain transformers model
+        again (no-op without adapters)."""
+        merge_lora(self.model)

@@ -22,8 +22,16 @@ from mmfw.spi import option
 
 from . import hub
 from .groups import transformer_groups
-from .hf_text import check_width, drop_pooler, load_model, no_remote_code, remote_code
+from .hf_text import (
+    check_width,
+    drop_pooler,
+    enable_checkpointing,
+    load_model,
+    no_remote_code,
+    remote_code,
+)
 from .images import Pipeline
+from .lora import LoraOptions, apply_lora, merge_lora
 
 #: 'cls': the class token; 'mean': mean of the patch tokens (class/distillation/register
 #: tokens excluded); 'pooler': the model's own pooled output (BEiT: mean + LayerNorm)
@@ -42,6 +50,12 @@ class HFVisionOptions:
                                     "(config overrides such as drop_path_rate, or revision); "
                                     "trust_remote_code = true needs mmfw --allow-code",
                                     validator=no_remote_code)
+    grad_checkpointing: bool = option(False, doc="recompute each layer's activations in the "
+                                      "backward pass instead of storing them (transformers' "
+                                      "gradient checkpointing, non-reentrant): less memory, "
+                                      "about one more forward of compute; same gradients")
+    lora: LoraOptions | None = option(None, doc="[model.vision.lora]: LoRA adapters via "
+                                      "peft, the rest of the tower frozen (table below)")
 
 
 def _field(obj: Any, key: str) -> Any:
@@ -105,6 +119,11 @@ class HFVision(nn.Module):
         self.prefix_tokens = 0
         self.dim = self._probe()
         check_width("hf-vision", self.model, self.dim)
+        if o.grad_checkpointing:
+            enable_checkpointing(self.model, "hf-vision")
+        if o.lora is not None:
+            apply_lora(self.model, o.lora, section="model.vision", groups=self.named_groups(),
+                       prefix="model.")
 
     def _probe(self) -> int:
         """Run one image: count the non-patch tokens and read the real output width."""
@@ -168,3 +187,8 @@ class HFVision(nn.Module):
 
     def named_groups(self) -> dict[str, list[str]]:
         return transformer_groups((n for n, _ in self.named_parameters()), root="model.")
+
+    def merge_adapters(self) -> None:
+        """Fold LoRA adapters into the weights: ``self.model`` is a plain transformers model
+        again (no-op without adapters)."""
+        merge_lora(self.model)

@@ -30,6 +30,12 @@ def _hf_image(name: str, width: int, size: int, note: str = "") -> dict:
     return _row(name, "hf-vision", "image", width, size, note)
 
 
+def _clip(name: str, width: int, size: int, positions: int, note: str = "") -> list[dict]:
+    """A CLIP/SigLIP checkpoint: one row per tower (``input_size``: pixels, then positions)."""
+    return [_row(name, "clip-vision", "image", width, size, note),
+            _row(name, "clip-text", "text", width, positions, note)]
+
+
 def _timm(name: str, width: int, size: int, note: str = "") -> dict:
     return _row(name, "timm-vision", "image", width, size, note)
 
@@ -97,6 +103,15 @@ MODELS: tuple[dict[str, Any], ...] = (
     _timm("vit_small_patch14_dinov2", 384, 518),
     _timm("convnext_tiny", 768, 224, "CNN: pooling 'default' (average)"),
     _timm("resnet50", 2048, 224, "CNN: 2048 wide"),
+    # pretrained CLIP / SigLIP pairs (clip-vision + clip-text): width = the embedding width
+    *_clip("openai/clip-vit-base-patch32", 512, 224, 77, "projection_dim 512 (towers 768/512)"),
+    *_clip("openai/clip-vit-base-patch16", 512, 224, 77, "projection_dim 512"),
+    *_clip("openai/clip-vit-large-patch14", 768, 224, 77, "projection_dim 768 (towers 1024/768)"),
+    *_clip("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", 512, 224, 77, "LAION-2B; projection_dim 512"),
+    *_clip("google/siglip-base-patch16-224", 768, 224, 64,
+           "SigLIP: no projection, pooled output 768; text padded to 64"),
+    *_clip("google/siglip-so400m-patch14-384", 1152, 384, 64,
+           "SigLIP So400m: 1152 wide; text padded to 64"),
 )
 
 #: dimension-matched pairs: equal widths, so ``identity`` adapters and no projection loss
@@ -124,6 +139,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": {"name": "hf-text", "model": "bert-base-uncased", "pooling": "mean"},
         "note": "ViT-B/16 + BERT-base",
         "adapter": {"name": "identity"},  # matched widths: no projection
+    },
+    "clip-b32": {
+        "width": 512,
+        "vision": {"name": "clip-vision", "model": "openai/clip-vit-base-patch32"},
+        "text": {"name": "clip-text", "model": "openai/clip-vit-base-patch32"},
+        "note": "OpenAI CLIP ViT-B/32, both towers with their projections: fine-tuning",
+        "adapter": {"name": "identity"},  # already one embedding space: no projection
     },
 }
 

@@ -6,6 +6,7 @@ presets through the ``mmfw_models`` / ``mmfw_presets`` hooks.
 
 from mmfw.spi import hookimpl
 
+from .clip import ClipText, ClipVision
 from .hf_text import HFText
 from .hf_vision import HFVision
 from .known_models import MODELS, PRESETS
@@ -16,7 +17,8 @@ from .timm_vision import TimmVision
 @hookimpl
 def mmfw_encoders():
     return {"scratch-vision": ScratchVision, "scratch-text": ScratchText, "hf-text": HFText,
-            "hf-vision": HFVision, "timm-vision": TimmVision}
+            "hf-vision": HFVision, "timm-vision": TimmVision, "clip-vision": ClipVision,
+            "clip-text": ClipText}
 
 
 @hookimpl

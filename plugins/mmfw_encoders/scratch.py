@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Literal
 
 import attrs
-import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
 
-from mmfw.spi import option
+from mmfw.spi import PluginError, option
 
 from .attention import EncoderLayer, Packed, check_layer, encoder_forward
 from .groups import ordered, timm_groups
@@ -64,6 +63,10 @@ class ScratchVisionOptions:
     norm_eps: float = option(1e-6, doc="epsilon of every LayerNorm (timm: 1e-6; CLIP: 1e-5)",
                              validator=attrs.validators.gt(0))
     activation: Activation = option("gelu", doc="MLP activation (quick_gelu: OpenAI CLIP's)")
+    grad_checkpointing: bool = option(False, doc="recompute each block's activations in the "
+                                      "backward pass instead of storing them (timm's "
+                                      "set_grad_checkpointing, non-reentrant): less memory, "
+                                      "about one more forward of compute; same gradients")
 
     def __attrs_post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -80,6 +83,8 @@ class ScratchVision(nn.Module):
     std = (0.5, 0.5, 0.5)
 
     def __init__(self, options: ScratchVisionOptions | None = None) -> None:
+        import timm  # here, not at import: loading the plugin registry stays light
+
         super().__init__()
         o = self.options = options or ScratchVisionOptions()
         extra: dict[str, object] = {}
@@ -97,6 +102,8 @@ class ScratchVision(nn.Module):
         )
         if o.init == "clip":
             clip_vision_init(self.model)
+        if o.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
         self.dim = int(self.model.num_features)
 
     def preprocess(self, image: Image.Image | Tensor) -> Tensor:
@@ -183,6 +190,10 @@ class ScratchTextOptions:
         "or CLIP's (token N(0, 0.02), position N(0, 0.01), attention and MLP weights scaled "
         "by width and depth)")
     activation: Activation = option("gelu", doc="MLP activation (quick_gelu: OpenAI CLIP's)")
+    grad_checkpointing: bool = option(False, doc="recompute each layer's activations in the "
+                                      "backward pass instead of storing them "
+                                      "(torch.utils.checkpoint, non-reentrant): less memory, "
+                                      "about one more forward of compute; same gradients")
 
     def __attrs_post_init__(self) -> None:
         if self.width % self.heads:
@@ -278,7 +289,15 @@ class ScratchText(nn.Module):
         self._require_tokenizer().save(str(Path(directory) / self.TOKENIZER_FILE))
 
     def load_assets(self, directory: str | Path) -> None:
-        tok = Tokenizer.from_file(str(Path(directory) / self.TOKENIZER_FILE))
+        path = Path(directory) / self.TOKENIZER_FILE
+        if not path.is_file():  # tokenizers' own error names no file
+            raise PluginError(f"scratch-text: the tokenizer file {path} is missing (it is "
+                              "written into the run directory with the first checkpoint)")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception for a damaged file
+            raise PluginError(f"scratch-text: {path} is not a readable tokenizer ({err})"
+                              ) from None
         _configure(tok, self.options.max_length)
         self.tokenizer = tok
 
@@ -312,12 +331,19 @@ class ScratchText(nn.Module):
             # thread-dependent order on CPU, and a run must be reproducible
             x = self.embed(packed.pack(ids)) + F.embedding(packed.rows % packed.length,
                                                            self.pos)
-            return packed.unpack(self.norm(encoder_forward(self.layers, x, packed))), mask
+            x = encoder_forward(self.layers, x, packed, checkpoint=self._checkpointing())
+            return packed.unpack(self.norm(x)), mask
         x = self.embed(ids) + self.pos[: ids.shape[1]]
         keep = mask[:, None, None, :]
         if causal:
             keep = keep & _causal(ids.shape[1], ids.device)
-        return self.norm(encoder_forward(self.layers, x, keep)), mask
+        x = encoder_forward(self.layers, x, keep, checkpoint=self._checkpointing())
+        return self.norm(x), mask
+
+    def _checkpointing(self) -> bool:
+        """Checkpoint the layers only where a backward pass will follow (training, with
+        autograd on): under ``no_grad`` there is nothing to save memory on."""
+        return self.options.grad_checkpointing and self.training and torch.is_grad_enabled()
 
     def pool_tokens(self, x: Tensor, mask: Tensor) -> Tensor:
         """The pooled ``[B, width]`` embedding of ``forward_tokens``'s output."""

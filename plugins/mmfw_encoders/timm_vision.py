@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import attrs
-import timm
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 from torchvision.transforms import Compose, Normalize
 from torchvision.transforms.functional import pil_to_tensor
@@ -27,6 +25,7 @@ from mmfw.spi import PluginError, close_matches, option
 from . import hub
 from .groups import timm_groups
 from .images import normalise, rgb_tensor
+from .lora import LoraOptions, apply_lora, merge_lora
 
 #: timm's ``global_pool`` for each pooling name ('default': the architecture's own)
 _GLOBAL_POOL = {"cls": "token", "mean": "avg"}
@@ -46,6 +45,12 @@ class TimmVisionOptions:
         "default", doc="'cls' token, 'mean' of patch tokens, or the architecture's 'default'")
     kwargs: dict[str, Any] = option(factory=dict, doc="extra keywords for timm.create_model, "
                                     "e.g. img_size = 96, drop_path_rate = 0.1")
+    grad_checkpointing: bool = option(False, doc="recompute each block's activations in the "
+                                      "backward pass instead of storing them (timm's "
+                                      "set_grad_checkpointing, non-reentrant): less memory, "
+                                      "about one more forward of compute; same gradients")
+    lora: LoraOptions | None = option(None, doc="[model.vision.lora]: LoRA adapters via "
+                                      "peft, the rest of the tower frozen (table below)")
 
     def __attrs_post_init__(self) -> None:
         if self.checkpoint and not self.pretrained:
@@ -70,6 +75,8 @@ class _Records(logging.Handler):
 
 def create(o: TimmVisionOptions) -> nn.Module:
     """``timm.create_model`` with errors that say what was tried."""
+    import timm  # here, not at import: loading the plugin registry stays light
+
     if ":" not in o.model and not timm.is_model(o.model.split(".")[0]):
         near = close_matches(o.model, timm.list_models())
         hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
@@ -110,6 +117,18 @@ def create(o: TimmVisionOptions) -> nn.Module:
     return model
 
 
+def enable_checkpointing(model: nn.Module, encoder: str) -> None:
+    """timm's ``set_grad_checkpointing``: its blocks run under ``torch.utils.checkpoint``,
+    non-reentrant unless ``TIMM_REENTRANT_CKPT`` says otherwise (``timm.layers.config``);
+    the RNG state is restored when a block is recomputed (same dropout / drop-path masks)."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError, AttributeError) as err:
+        raise ValueError(f"{encoder}: {type(model).__name__} does not support gradient "
+                         f"checkpointing in timm ({err or 'no set_grad_checkpointing'}): set "
+                         "grad_checkpointing = false") from None
+
+
 def _offline_error(model: str, detail: str) -> PluginError:
     return PluginError(
         f"timm-vision: cannot download pretrained weights for {model!r} (timm fetches them "
@@ -138,6 +157,8 @@ def _check_loaded(checkpoint: str, model: nn.Module, messages: list[str]) -> Non
 
 def data_config(model: nn.Module) -> dict[str, Any]:
     """timm's data config; the input size follows the model when built at another size."""
+    from timm.data import resolve_data_config
+
     cfg = resolve_data_config({}, model=model)
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if isinstance(img_size, (tuple, list)) and tuple(img_size) != tuple(cfg["input_size"][1:]):
@@ -168,10 +189,17 @@ class TimmVision(nn.Module):
         o = self.options = options
         self.model = create(o)
         self.data_config = data_config(self.model)
+        from timm.data import create_transform
+
         self.transform = create_transform(**self.data_config, is_training=False)
         self._geometry, self._norm = split_transform(self.transform)
         self.dim = self._probe()
         self.token_dim = int(self.model.num_features)  # width of forward_tokens
+        if o.grad_checkpointing:
+            enable_checkpointing(self.model, "timm-vision")
+        if o.lora is not None:
+            apply_lora(self.model, o.lora, section="model.vision", groups=self.named_groups(),
+                       prefix="model.")
 
     def _probe(self) -> int:
         """Real output width (``num_features``, or ``head_hidden_size`` where a head adds
@@ -229,3 +257,8 @@ class TimmVision(nn.Module):
 
     def named_groups(self) -> dict[str, list[str]]:
         return timm_groups(self.model, prefix="model.")
+
+    def merge_adapters(self) -> None:
+        """Fold LoRA adapters into the weights: ``self.model`` is a plain timm model again
+        (no-op without adapters)."""
+        merge_lora(self.model)

@@ -102,6 +102,47 @@ class OptimConfig:
         "update (no NaN checkpoint), or skip the step and count it (optim/nonfinite_steps)")
 
 
+def _templates(_inst: Any, _attr: Any, value: str | tuple[str, ...]) -> None:
+    if isinstance(value, tuple):
+        if not value:
+            raise ValueError("templates must not be an empty list")
+        bad = [t for t in value if "{c}" not in t]
+        if bad:
+            raise ValueError(f"templates: every template needs {{c}} (the class name); "
+                             f"{bad[0]!r} has none")
+    elif not value:
+        raise ValueError("templates must be 'auto', 'clip', 'clip-7', 'simple', a file or a "
+                         "list")
+
+
+@attrs.frozen
+class ZeroShotConfig:
+    """Zero-shot classification of labelled images after training (CLIP's protocol, as
+    CLIP_benchmark computes it): each class is the normalised mean of its normalised prompt
+    embeddings; ``zeroshot/top1``, ``zeroshot/top5`` and ``zeroshot/mean_per_class`` (percent)
+    go into metrics.json. Off while ``dataset`` and ``split`` are both empty."""
+
+    dataset: str = option("", doc="dataset plugin holding the labelled images, e.g. "
+                          "\"labelled\" (an image-folder tree, a CSV/JSONL file or "
+                          "CLIP_benchmark shards); '': the run's [data] dataset")
+    options: dict[str, Any] = option(attrs.Factory(dict), doc="that dataset's options, e.g. "
+                                     "{path = \"imagenet/val\"} (with dataset = '': none)")
+    split: str = option("", doc="its labelled split, e.g. \"zeroshot\" of the synthetic "
+                        "set ('': \"test\" when dataset is set, else zero-shot is off)")
+    classnames: str | tuple[str, ...] = option(
+        "", doc="class names by label index, replacing the dataset's: a file (one a line) or "
+        "a list ('': the dataset's: folder names, label values, classnames.txt)")
+    templates: str | tuple[str, ...] = option(
+        "auto", doc="prompt templates with {c} for the class name: \"clip\" (the 80 ImageNet "
+        "templates of Radford et al. 2021), \"clip-7\" (their 7-template subset), "
+        "\"simple\" (\"a photo of a {c}.\"), a file (one a line) or a list; \"auto\": the "
+        "dataset's own templates, else \"clip\"", validator=_templates)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dataset or self.split)
+
+
 @attrs.frozen
 class EvalConfig:
     split: str = option("test", doc="split of the final evaluation (metrics.json)")
@@ -119,6 +160,15 @@ class EvalConfig:
     rerank_top_k: int = option(0, doc="re-score each query's top k by the [model.fusion] "
                                "matching head and reorder them by it (0: off)",
                                validator=_ge0)
+    protocol: Literal["karpathy", "coco-5k", "coco-1k-5fold"] = option(
+        "karpathy", doc="Recall@K protocol: karpathy (the whole split); coco-5k (the 5k "
+        "images of COCO's Karpathy test split, exactly 5 x fold_size); coco-1k-5fold (the "
+        "5k numbers as the main keys plus coco1k/<key>: the mean over 5 consecutive folds "
+        "of fold_size images, as VSE++ and ALBEF report COCO 1k)")
+    fold_size: int = option(1000, doc="images per fold of coco-1k-5fold (1000 for COCO)",
+                            validator=_ge1)
+    zeroshot: ZeroShotConfig = option(ZeroShotConfig(), doc="[eval.zeroshot]: zero-shot "
+                                      "classification after training (see below)")
 
 
 @attrs.frozen
@@ -160,11 +210,17 @@ class Plugin:
     options: Any = None
     #: the recipe table it came from (callbacks: ``"diagnostics"``, ``"callbacks.x"``)
     section: str = ""
+    #: the option names the recipe (or ``--set``) gave; the others hold their defaults, which
+    #: the run may fill from its parts (a CLIP's temperature: ``SuggestsTemperature``)
+    given: frozenset[str] = attrs.field(factory=frozenset, eq=False)
 
     def values(self) -> dict[str, Any]:
         if self.options is None:
             return {}
-        return attrs.asdict(self.options, value_serializer=_plain)
+        # TOML has no null: an option left at None (an encoder's absent [lora] table) is
+        # written as an absent key, which reads back as None
+        return {k: v for k, v in attrs.asdict(self.options, value_serializer=_plain).items()
+                if v is not None}
 
 
 @attrs.frozen
@@ -198,6 +254,25 @@ class SamplerConfig:
 
 
 @attrs.frozen
+class ScheduleConfig:
+    plugin: Plugin
+    fit_budget: bool = option(
+        True, doc="with run.max_minutes: the schedule (LR, stages) advances by the share of "
+        "the budget spent, re-estimated from the measured step time, so it reaches its end "
+        "(the LR its floor) when the budget runs out, and training stops early enough for "
+        "the final evaluation to fit inside it; false: the schedule counts steps of "
+        "run.epochs and a budget cuts it where it is. No effect without run.max_minutes")
+
+    @property
+    def name(self) -> str:
+        return self.plugin.name
+
+    @property
+    def options(self) -> Any:
+        return self.plugin.options
+
+
+@attrs.frozen
 class ModelConfig:
     vision: Plugin
     text: Plugin
@@ -219,7 +294,7 @@ class Recipe:
     model: ModelConfig
     loss: Plugin
     optim: OptimConfig
-    schedule: Plugin
+    schedule: ScheduleConfig
     eval: EvalConfig
     ensemble: EnsembleConfig = attrs.field(factory=EnsembleConfig)
     distributed: DistributedConfig = attrs.field(factory=DistributedConfig)
@@ -245,7 +320,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe (every default filled in), as written to the run dir."""
-        return {
+        out = {
             "run": attrs.asdict(self.run, value_serializer=_plain),
             "backend": _section(self.backend),
             "data": _section(self.data.dataset, "dataset", _core(self.data, "dataset")),
@@ -260,12 +335,14 @@ class Recipe:
             },
             "loss": _section(self.loss),
             "optim": attrs.asdict(self.optim, value_serializer=_plain),
-            "schedule": _section(self.schedule),
+            "schedule": _section(self.schedule.plugin, "name", _core(self.schedule, "plugin")),
             "eval": attrs.asdict(self.eval, value_serializer=_plain),
             "ensemble": attrs.asdict(self.ensemble, value_serializer=_plain),
             "distributed": attrs.asdict(self.distributed, value_serializer=_plain),
-            **self._callback_tables(),
         }
+        for head, table in self._callback_tables().items():  # [optim.ema] joins [optim]
+            out[head] = {**out[head], **table} if head in out else table
+        return out
 
     def _callback_tables(self) -> dict[str, Any]:
         """Each callback's own table: ``[section]`` or ``[callbacks.<name>]`` (tables of the
@@ -279,6 +356,8 @@ class Recipe:
             if head in CALLBACK_TABLES and sub:  # [callbacks.<name>], [report.<name>]
                 if values or head != "callbacks":
                     out.setdefault(head, {})[sub] = values
+            elif sub and head in TOP_LEVEL:  # a sub-table of a core table: [optim.ema]
+                out.setdefault(head, {})[sub] = values
             else:
                 out[p.section] = values
         return out
@@ -429,7 +508,7 @@ def _plugin(section: str, values: dict[str, Any], core: tuple[str, ...] = ()) ->
         raise RecipeError(str(err), key=f"{section}.{name_key}", given=name) from None
     except RecipeError as err:
         raise err.within(prefix=section) from None
-    return Plugin(kind, name, options), core_values
+    return Plugin(kind, name, options, given=frozenset(values)), core_values
 
 
 def _check_shared_section(section: str, kind: str, name: str, values: Mapping[str, Any],
@@ -500,6 +579,7 @@ def _section_build(cls: type, section: str, values: Mapping[str, Any],
 
 def from_dict(data: Mapping[str, Any], file: str | None = None) -> Recipe:
     """Validate a parsed recipe. ``file`` only labels errors."""
+    data, claimed = _split_claimed(data)
     sections = (*TOP_LEVEL, *callback_sections())
     for key in data:
         if key not in sections:
@@ -527,6 +607,8 @@ def from_dict(data: Mapping[str, Any], file: str | None = None) -> Recipe:
 
     dataset, data_core = _plugin("data", _table(data, "data"), _core_keys(DataConfig))
     sampler, sampler_core = _plugin("sampler", _table(data, "sampler"), _core_keys(SamplerConfig))
+    schedule, schedule_core = _plugin("schedule", _table(data, "schedule"),
+                                      _core_keys(ScheduleConfig))
     vision, _ = _plugin("model.vision", dict(model["vision"]))
     text, _ = _plugin("model.text", dict(model["text"]))
     adapter, _ = _plugin("model.adapter", dict(model.get("adapter", {})))
@@ -542,14 +624,50 @@ def from_dict(data: Mapping[str, Any], file: str | None = None) -> Recipe:
                               "fusion": fusion}),
         loss=_plugin("loss", _table(data, "loss"))[0],
         optim=_section_build(OptimConfig, "optim", _table(data, "optim")),
-        schedule=_plugin("schedule", _table(data, "schedule"))[0],
-        eval=_section_build(EvalConfig, "eval", _table(data, "eval")),
+        schedule=_section_build(ScheduleConfig, "schedule", schedule_core, {"plugin": schedule}),
+        eval=_zeroshot_checked(_section_build(EvalConfig, "eval", _table(data, "eval"))),
         ensemble=_section_build(EnsembleConfig, "ensemble", _table(data, "ensemble")),
         distributed=_section_build(DistributedConfig, "distributed",
                                    _table(data, "distributed")),
-        callbacks=_callbacks(data, run),
+        callbacks=_callbacks(data, run, claimed),
         path=file,
     )
+
+
+def model_config(model: Mapping[str, Any], file: str | None = None) -> ModelConfig:
+    """Validate a ``[model]`` table on its own: an exported model is rebuilt from it with no
+    dataset, optimiser or callbacks to check (``file`` labels errors)."""
+    try:
+        table = apply_preset(dict(model))
+        for sub in ("vision", "text"):
+            if not isinstance(table.get(sub), Mapping):
+                raise RecipeError(f"missing section [model.{sub}]", key=f"model.{sub}")
+        core = {k: v for k, v in table.items() if k not in ("vision", "text", "adapter",
+                                                            "fusion")}
+        parts = {sub: _plugin(f"model.{sub}", dict(table[sub]))[0] for sub in ("vision", "text")}
+        parts["adapter"] = _plugin("model.adapter", dict(table.get("adapter", {})))[0]
+        parts["fusion"] = (_plugin("model.fusion", dict(table["fusion"]))[0]
+                           if "fusion" in table else None)
+        return _section_build(ModelConfig, "model", core, parts)
+    except RecipeError as err:
+        raise err.within(file=file) from None
+
+
+def _zeroshot_checked(config: EvalConfig) -> EvalConfig:
+    """``[eval.zeroshot]``'s dataset and its options validated like a ``[data]`` section."""
+    zs = config.zeroshot
+    if zs.dataset:
+        try:
+            make_options("dataset", zs.dataset, zs.options)
+        except PluginError as err:
+            raise RecipeError(str(err), key="eval.zeroshot.dataset", given=zs.dataset) from None
+        except RecipeError as err:
+            raise err.within(prefix="eval.zeroshot.options") from None
+    elif zs.options:
+        raise RecipeError("options need a dataset", key="eval.zeroshot.options",
+                          expected="eval.zeroshot.dataset = a dataset plugin (the run's own "
+                          "dataset takes its options from [data])", given=zs.options)
+    return config
 
 
 # ------------------------------------------------------------------------------------------
@@ -558,6 +676,34 @@ def from_dict(data: Mapping[str, Any], file: str | None = None) -> Recipe:
 
 def _section_of(name: str) -> str:
     return str(getattr(get_factory("callback", name), "section", "") or f"callbacks.{name}")
+
+
+def claimed_tables() -> dict[str, str]:
+    """Sub-tables of core tables that callbacks claim as their section: ``{"optim.ema":
+    "ema"}`` (the core validates its table without them)."""
+    out = {}
+    for name in available("callback"):
+        section = _section_of(name)
+        head, _, sub = section.partition(".")
+        if sub and head in TOP_LEVEL and head not in CALLBACK_TABLES:
+            out[section] = name
+    return out
+
+
+def _split_claimed(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``data`` without the callbacks' sub-tables of core tables, and those tables by path."""
+    out, claimed = dict(data), {}
+    for section in claimed_tables():
+        head, _, sub = section.partition(".")
+        table = out.get(head)
+        if isinstance(table, Mapping) and sub in table:
+            table = dict(table)
+            claimed[section] = table.pop(sub)
+            out[head] = table
+            if not isinstance(claimed[section], Mapping):
+                raise RecipeError("must be a table", key=section, expected=f"[{section}] "
+                                  "section", given=claimed[section])
+    return out, claimed
 
 
 def callback_sections() -> list[str]:
@@ -595,11 +741,15 @@ def _check_listed(head: str, names: tuple[str, ...]) -> None:
             raise RecipeError(why, key=f"{key}[{i}]")
 
 
-def _callbacks(data: Mapping[str, Any], run: RunConfig) -> dict[str, Plugin]:
-    """Every callback of the run (the default ones, ``run.callbacks`` and the trackers of
-    ``run.report_to``), its options validated from the table it names."""
+def _callbacks(data: Mapping[str, Any], run: RunConfig,
+               claimed: Mapping[str, Any]) -> dict[str, Plugin]:
+    """Every callback of the run (the default ones, those whose table the recipe has and that
+    say ``when_configured``, ``run.callbacks`` and the trackers of ``run.report_to``), its
+    options validated from the table it names (``claimed``: the sub-tables of core tables)."""
     default = [n for n in available("callback")
-               if getattr(get_factory("callback", n), "default", False)]
+               if getattr(get_factory("callback", n), "default", False)
+               or (getattr(get_factory("callback", n), "when_configured", False)
+                   and (_section_of(n) in claimed or _section_of(n) in data))]
     listed = _listed(run)
     for head, given in listed.items():
         _check_listed(head, given)
@@ -628,6 +778,8 @@ def _callbacks(data: Mapping[str, Any], run: RunConfig) -> dict[str, Plugin]:
                 table = _table(tables[head], sub)
             except RecipeError as err:
                 raise err.within(prefix=head) from None
+        elif sub and head in TOP_LEVEL:  # a sub-table of a core table ([optim.ema])
+            table = dict(claimed.get(section, {}))
         else:
             table = _table(data, section)
         try:

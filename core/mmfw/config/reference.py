@@ -6,6 +6,7 @@ it is current.
 
 from __future__ import annotations
 
+import inspect
 import typing
 
 import attrs
@@ -23,13 +24,16 @@ from .recipe import (
     Plugin,
     RunConfig,
     SamplerConfig,
+    ScheduleConfig,
     callback_sections,
+    claimed_tables,
 )
 
 _CORE = {
     "run": RunConfig,
     "data": DataConfig,
     "sampler": SamplerConfig,
+    "schedule": ScheduleConfig,
     "model": ModelConfig,
     "optim": OptimConfig,
     "eval": EvalConfig,
@@ -70,6 +74,35 @@ def _nested_tables(section: str, cls: type) -> list[str]:
     return out
 
 
+def _claimed_tables(section: str) -> list[str]:
+    """The sub-tables of a core section that callbacks claim (``[optim.ema]``): their table
+    turns them on."""
+    out: list[str] = []
+    for path, name in sorted(claimed_tables().items()):
+        if path.partition(".")[0] == section:
+            cls = options_class("callback", name)
+            out += [f"#### [{path}]", "", inspect.cleandoc(getattr(cls, "__doc__", "") or "")
+                    + f" (callback `{name}`)", ""]
+            out += _table(describe(cls))
+    return out
+
+
+def _option_tables(kind: str, name: str, cls: type | None) -> list[str]:
+    """A plugin option that is a table of its own (an attrs class, or one or nothing: an
+    encoder's ``lora``), with its key table."""
+    out: list[str] = []
+    hints = typing.get_type_hints(cls) if cls is not None else {}
+    for f in attrs.fields(cls) if cls is not None else ():
+        arms = [a for a in typing.get_args(hints.get(f.name)) if a is not type(None)] or \
+            [hints.get(f.name)]
+        sub = arms[0] if len(arms) == 1 else None
+        if isinstance(sub, type) and attrs.has(sub):
+            out += [f"#### `{f.name}` table of {kind} `{name}`", "",
+                    inspect.cleandoc(sub.__doc__ or ""), ""]
+            out += _table(describe(sub))
+    return out
+
+
 def recipe_reference() -> str:
     lines = [
         "# Recipe reference",
@@ -91,6 +124,7 @@ def recipe_reference() -> str:
                           + (f" (default `{default}`)." if default else " (required)."), ""]
         lines += _table(rows)
         lines += _nested_tables(section, cls)
+        lines += _claimed_tables(section)
     for path, (kind, key, default) in PLUGIN_SECTIONS.items():
         if path in sections:
             continue
@@ -102,6 +136,7 @@ def recipe_reference() -> str:
         for name in available(kind):
             lines += [f"### {kind} `{name}`", ""]
             lines += _table(describe(options_class(kind, name)))
+            lines += _option_tables(kind, name, options_class(kind, name))
     return "\n".join(lines).rstrip() + "\n"
 
 

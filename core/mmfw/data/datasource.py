@@ -361,14 +361,18 @@ class TrainingData:
         collate = Collate(pixel_preprocess(model.vision, d.uint8), model.text.tokenize,
                           None if self.stream is not None else sampler.match_ids, augment)
         workers = d.num_workers
+        # the loader's own generator: each new iterator draws its workers' base seed, and
+        # from the global RNG that draw would shift every later dropout mask of a run resumed
+        # mid-epoch (one iterator more than the unbroken run made)
+        generator = torch.Generator().manual_seed(self.recipe.run.seed)
         if self.stream is not None:
             loader = DataLoader(self.stream, batch_size=None, collate_fn=collate,
                                 num_workers=workers, persistent_workers=workers > 0,
-                                pin_memory=pin_memory)
+                                pin_memory=pin_memory, generator=generator)
         else:
             loader = DataLoader(self.pairs, batch_sampler=sampler, collate_fn=collate,
                                 num_workers=workers, persistent_workers=workers > 0,
-                                pin_memory=pin_memory)
+                                pin_memory=pin_memory, generator=generator)
         return TrainLoader(loader, self.policy, d.train_split)
 
 

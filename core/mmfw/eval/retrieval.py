@@ -7,12 +7,20 @@ Similarities are cosine; ranking is one batched top-k, no Python loop over queri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.datasource import Prepared, pixel_preprocess
+from ..spi.contracts import Problem
+from ..spi.errors import DataError, MmfwError
+
+if TYPE_CHECKING:
+    from ..config.recipe import Recipe
 
 KS = (1, 5, 10)
 METRIC_KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
@@ -53,28 +61,179 @@ def recall_at_k(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
 
 @torch.no_grad()
 def embed_split(model: Any, split: Any, *, batch_size: int = 256, device: Any = "cpu",
-                autocast: Any = None, max_images: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """Embed every image and caption of a split: ``(images [N, D], texts [M, D], owner [M])``."""
+                autocast: Any = None, max_images: int = 0, num_workers: int = 0,
+                uint8: bool = False, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Embed every image and caption of a split: ``(images [N, D], texts [M, D], owner [M])``.
+
+    Images are read and preprocessed in chunks by a DataLoader, in ``num_workers`` processes
+    (0: this one); ``uint8`` hands them over as the encoder's uint8 pixels and normalises them
+    on ``device`` (``data.uint8``); ``progress`` shows a bar on a terminal. The model sees the
+    same batches of ``batch_size`` whatever the loading, so the embeddings are the same.
+    ``embed_options(recipe)`` gives the three as a run's recipe sets them.
+    """
     import contextlib
 
     model.eval()
     n = len(split) if not max_images else min(max_images, len(split))
     ctx = autocast if autocast is not None else contextlib.nullcontext
-    pre, tok = model.vision.preprocess, model.text.tokenize
+    tok = model.text.tokenize
     imgs, txts, owner, captions = [], [], [], []
     for i in range(n):
         for c in split.captions(i):
             captions.append(c)
             owner.append(i)
-    for s in range(0, n, batch_size):
-        pixels = torch.stack([pre(split[i].image) for i in range(s, min(s + batch_size, n))])
-        with ctx():
-            imgs.append(model.encode_image(pixels.to(device)).float())
-    for s in range(0, len(captions), batch_size):
-        tokens = {k: v.to(device) for k, v in tok(captions[s:s + batch_size]).items()}
-        with ctx():
-            txts.append(model.encode_text(tokens).float())
+    with _bar(progress, n + len(captions)) as bar:
+        for pixels in image_batches(model, split, n, batch_size=batch_size, device=device,
+                                    num_workers=num_workers, uint8=uint8):
+            with ctx():
+                imgs.append(model.encode_image(pixels).float())
+            bar.update(pixels.shape[0])
+        for s in range(0, len(captions), batch_size):
+            tokens = {k: v.to(device) for k, v in tok(captions[s:s + batch_size]).items()}
+            with ctx():
+                txts.append(model.encode_text(tokens).float())
+            bar.update(len(captions[s:s + batch_size]))
     return torch.cat(imgs), torch.cat(txts), torch.tensor(owner, dtype=torch.long)
+
+
+def embed_options(recipe: Recipe) -> dict[str, Any]:
+    """``embed_split``'s loading keywords as a run's recipe sets them: ``data.num_workers``
+    worker processes, ``data.uint8``, ``run.progress``."""
+    return {"num_workers": recipe.data.num_workers, "uint8": recipe.data.uint8,
+            "progress": recipe.run.progress}
+
+
+# ------------------------------------------------------------------------------------------
+# reading a split's images for embedding: chunks preprocessed in DataLoader workers
+
+#: images one loader item carries: small enough to spread a 1k split over the workers, large
+#: enough that handing a chunk between processes costs little next to decoding it
+CHUNK = 32
+
+
+class _Problems:
+    """What a worker's view of an evaluation split met while loading (``on_error``), handed
+    back with the chunk so ``data.on_bad`` runs in the main process, never in a worker."""
+
+    def __init__(self) -> None:
+        self.found: list[Problem] = []
+
+    def __call__(self, problem: Problem) -> None:
+        self.found.append(problem)
+
+
+class SplitImages(Dataset):
+    """Item ``k``: the images of ``ranges[k]`` preprocessed and stacked, as ``(pixels,
+    problems, error)``.
+
+    An image that fails to load in a split made for evaluation (a ``Prepared`` view, whose
+    ``on_error`` is the bad-data policy) comes back as a blank plus its ``Problem``; in any
+    other split, as the DataError's message (``error``, pixels None). Either way the main
+    process raises or reports it: a worker never raises a DataError itself, which the
+    DataLoader would turn into its own exception with the worker's traceback.
+    """
+
+    def __init__(self, split: Any, ranges: Sequence[tuple[int, int]],
+                 preprocess: Callable[[Any], Tensor]) -> None:
+        self.ranges, self.preprocess = list(ranges), preprocess
+        self.problems = _Problems()
+        watched = isinstance(split, Prepared) and split.on_error is not None
+        self.split = split.view(self.problems) if watched else split
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __getitem__(self, k: int) -> tuple[Tensor | None, list[Problem], str | None]:
+        start, stop = self.ranges[k]
+        self.problems.found.clear()
+        pixels = []
+        for i in range(start, stop):
+            try:
+                image = self.split[i].image
+            except DataError as err:
+                return None, [], str(err)
+            pixels.append(self.preprocess(image))
+        return torch.stack(pixels), list(self.problems.found), None
+
+
+def image_batches(model: Any, split: Any, n: int, *, batch_size: int, device: Any = "cpu",
+                  num_workers: int = 0, uint8: bool = False) -> Iterator[Tensor]:
+    """The first ``n`` images of ``split`` as pixel batches on ``device``, ready for
+    ``model.encode_image``: batch ``b`` holds images ``b * batch_size`` up to the next
+    multiple (what the one-by-one loop made), loaded by workers as chunks of :data:`CHUNK`
+    (by this process, a batch at a time).
+
+    Load failures follow the split's ``on_error`` (``data.on_bad``) in this process.
+    """
+    vision = model.vision
+    preprocess = pixel_preprocess(vision, uint8)
+    on_device = preprocess != vision.preprocess  # uint8 out: normalize() finishes it here
+    starts = range(0, n, batch_size)
+    ends = [min(b + batch_size, n) for b in starts]
+    ranges = [(s, min(s + CHUNK, e)) for b, e in zip(starts, ends) for s in range(b, e, CHUNK)]
+    # one chunk has nothing to share out, and a filled cache nothing to decode: workers
+    # would only add their start-up
+    cache = split.cache if isinstance(split, Prepared) else None
+    warm = cache is not None and cache.filled() == cache.n
+    workers = min(num_workers, len(ranges)) if len(ranges) > 1 and not warm else 0
+    if not workers:  # in this process a chunk is a whole batch: nothing to join up
+        ranges = list(zip(starts, ends))
+    dev = torch.device(device)
+    loader = DataLoader(SplitImages(split, ranges, preprocess), batch_size=None,
+                        num_workers=workers, pin_memory=dev.type == "cuda",
+                        generator=torch.Generator())  # not a draw from the run's global RNG
+    on_error = split.on_error if isinstance(split, Prepared) else None
+    parts: list[Tensor] = []
+    for (_, stop), (pixels, problems, error) in zip(ranges, _survived(loader, workers)):
+        if error is not None:
+            raise DataError(error)
+        for p in problems:
+            if on_error is not None:
+                on_error(p)  # "error": raises, naming the file; "skip": logged, blank kept
+        parts.append(pixels)
+        if stop in ends:
+            x = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(
+                dev, non_blocking=dev.type == "cuda")
+            parts = []
+            yield vision.normalize(x) if on_device else x
+
+
+def _survived(loader: DataLoader, workers: int) -> Iterator[Any]:
+    """The loader's items; a worker process that died (killed for memory, out of shared
+    memory in a container) is said in one line with what to change, not as a traceback.
+
+    The workers are shut down as this ends, however it ends: a traceback that keeps this frame
+    (an error shown later) then holds no live loader whose workers stop at some later GC."""
+    it = iter(loader)
+    try:
+        yield from it
+    except RuntimeError as err:
+        if not workers or "DataLoader worker" not in str(err):
+            raise
+        raise MmfwError(f"an evaluation loader worker died ({str(err).splitlines()[0]}): "
+                        "evaluate with fewer workers (data.num_workers, `mmfw eval ... --data "
+                        "num_workers=0`) or give the machine more memory (or the container a "
+                        "larger /dev/shm)") from None
+    finally:
+        del it  # the last reference: its __del__ stops the workers now
+
+
+def _bar(progress: bool, total: int) -> Any:
+    """A tqdm bar on a terminal with ``progress`` (``run.progress``), else a stand-in."""
+    import contextlib
+    import sys
+
+    if not (progress and sys.stderr.isatty()):
+        return contextlib.nullcontext(_NoBar())
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="item", desc="embedding", leave=False, dynamic_ncols=True,
+                mininterval=0.5)
+
+
+class _NoBar:
+    def update(self, k: int) -> None:
+        pass
 
 
 def evaluate_split(model: Any, split: Any, rerank_top_k: int = 0, **kwargs: Any
@@ -143,7 +302,8 @@ def rerank(top: Tensor, k: int, score: Any, batch_size: int = 256) -> Tensor:
 
 @torch.no_grad()
 def embed_split_tokens(model: Any, split: Any, *, batch_size: int = 256, device: Any = "cpu",
-                       autocast: Any = None, max_images: int = 0
+                       autocast: Any = None, max_images: int = 0, num_workers: int = 0,
+                       uint8: bool = False, progress: bool = False
                        ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor],
                                   tuple[Tensor, Tensor]]:
     """``embed_split`` plus every image's and caption's token features and masks (kept on
@@ -153,22 +313,25 @@ def embed_split_tokens(model: Any, split: Any, *, batch_size: int = 256, device:
     model.eval()
     n = len(split) if not max_images else min(max_images, len(split))
     ctx = autocast if autocast is not None else contextlib.nullcontext
-    pre, tok = model.vision.preprocess, model.text.tokenize
+    tok = model.text.tokenize
     owner = [i for i in range(n) for _ in split.captions(i)]
     captions = [c for i in range(n) for c in split.captions(i)]
     imgs, txts, vtok, ttok = [], [], [], []
-    for s in range(0, n, batch_size):
-        pixels = torch.stack([pre(split[i].image) for i in range(s, min(s + batch_size, n))])
-        with ctx():
-            e, t, m = model.encode_image_tokens(pixels.to(device))
-        imgs.append(e.float())
-        vtok.append((t.cpu(), m.cpu()))
-    for s in range(0, len(captions), batch_size):
-        tokens = {k: v.to(device) for k, v in tok(captions[s:s + batch_size]).items()}
-        with ctx():
-            e, t, m = model.encode_text_tokens(tokens)
-        txts.append(e.float())
-        ttok.append((t.cpu(), m.cpu()))
+    with _bar(progress, n + len(captions)) as bar:
+        for pixels in image_batches(model, split, n, batch_size=batch_size, device=device,
+                                    num_workers=num_workers, uint8=uint8):
+            with ctx():
+                e, t, m = model.encode_image_tokens(pixels)
+            imgs.append(e.float())
+            vtok.append((t.cpu(), m.cpu()))
+            bar.update(pixels.shape[0])
+        for s in range(0, len(captions), batch_size):
+            tokens = {k: v.to(device) for k, v in tok(captions[s:s + batch_size]).items()}
+            with ctx():
+                e, t, m = model.encode_text_tokens(tokens)
+            txts.append(e.float())
+            ttok.append((t.cpu(), m.cpu()))
+            bar.update(len(captions[s:s + batch_size]))
     return (torch.cat(imgs), torch.cat(txts), torch.tensor(owner, dtype=torch.long),
             _pad_tokens(vtok), _pad_tokens(ttok))
 
@@ -182,7 +345,8 @@ def _pad_tokens(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]
 
 @torch.no_grad()
 def rerank_split(model: Any, split: Any, k: int, *, batch_size: int = 256, device: Any = "cpu",
-                 autocast: Any = None, max_images: int = 0) -> Reranked:
+                 autocast: Any = None, max_images: int = 0, num_workers: int = 0,
+                 uint8: bool = False, progress: bool = False) -> Reranked:
     """Recall@K after re-scoring each query's top ``k`` by the model's fusion head.
 
     The dual encoder ranks everything (one matrix product); the ITM head then scores only
@@ -201,7 +365,7 @@ def rerank_split(model: Any, split: Any, k: int, *, batch_size: int = 256, devic
     t0 = time.perf_counter()
     img, txt, owner, (vt, vm), (tt, tm) = embed_split_tokens(
         model, split, batch_size=batch_size, device=device, autocast=autocast,
-        max_images=max_images)
+        max_images=max_images, num_workers=num_workers, uint8=uint8, progress=progress)
     t1 = time.perf_counter()
     kmax = max(max(KS), k)
     i2t_plain, t2i_plain = top_ranks(img, txt, kmax)

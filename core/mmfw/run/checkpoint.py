@@ -1,6 +1,7 @@
 """Checkpoints: safetensors weights + JSON state, each file written atomically.
 
-A checkpoint ``step-00000123`` is three files; the ``.json`` is written last and is the commit
+A checkpoint ``step-00000123`` is three files (four when callbacks keep tensors, an EMA of
+the weights: ``.callbacks.safetensors``); the ``.json`` is written last and is the commit
 marker, so a run killed while saving leaves either a complete checkpoint or none (plus orphan
 parts that ``clean`` removes). The ``.json`` records the size and SHA-256 of each part
 (``"files"``), so ``verify`` tells a damaged checkpoint from a good one and ``latest_intact``
@@ -31,10 +32,13 @@ from torch import nn
 from ..spi.errors import MmfwError
 
 _STEP = re.compile(r"step-(\d{8})\.json$")
-#: a part file of a checkpoint (weights, or optimizer + RNG)
-_PART = re.compile(r"step-(\d{8})(?:\.train)?\.safetensors$")
+#: a part file of a checkpoint (weights, optimizer + RNG, or callbacks' tensors)
+_PART = re.compile(r"step-(\d{8})(?:\.train|\.callbacks)?\.safetensors$")
 #: a temp file ``atomic_write`` left behind (mkstemp: f".{name}." + random letters)
-_TEMP = re.compile(r"\.(?:step-\d{8}(?:\.train)?\.(?:safetensors|json)|best)\.[A-Za-z0-9_]+$")
+_TEMP = re.compile(r"\.(?:step-\d{8}(?:\.train|\.callbacks)?\.(?:safetensors|json)|best)"
+                   r"\.[A-Za-z0-9_]+$")
+#: the part holding callbacks' tensors, as ``<callback>/<name>`` keys
+CALLBACKS_PART = ".callbacks.safetensors"
 #: names the checkpoint with the best val rsum (JSON; no .json suffix, so no step is misread)
 BEST = "best"
 _CHUNK = 1 << 20  # hash in 1 MiB reads
@@ -186,24 +190,35 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def save(directory: Path, step: int, *, model: nn.Module, loss: nn.Module,
+def save(directory: Path, step: int, *, model: nn.Module | None, loss: nn.Module | None,
          optimizer: torch.optim.Optimizer | None, state: dict[str, Any], keep: int = 2,
          protect: Iterable[int] = (), scaler: Any = None,
          model_state: Mapping[str, torch.Tensor] | None = None,
-         optimizer_state: dict[str, Any] | None = None) -> Path:
+         optimizer_state: dict[str, Any] | None = None,
+         callback_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+         loss_state: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint ``step`` and delete all but the newest ``keep`` and ``protect``.
 
     ``loss`` holds every loss of the run (their parameters and state, e.g. a memory queue);
     ``scaler`` is a GradScaler whose state goes in the JSON. ``model_state`` /
     ``optimizer_state`` replace the modules' own state dicts (FSDP: gathered whole).
+    ``callback_tensors`` (callback name -> its tensors) go in one more part, hashed like the
+    others. ``model`` / ``loss`` may be None when ``model_state`` / ``loss_state`` give their
+    tensors (weights made by arithmetic: ``mmfw average``).
     """
     stem = directory / f"step-{step:08d}"
-    weights = {f"model.{k}": v for k, v in _tensors(
-        model.state_dict() if model_state is None else model_state).items()}
-    weights.update({f"loss.{k}": v for k, v in _tensors(loss.state_dict()).items()})
+    model_state = model_state if model_state is not None else model.state_dict()  # type: ignore[union-attr]
+    loss_state = loss_state if loss_state is not None else loss.state_dict()  # type: ignore[union-attr]
+    weights = {f"model.{k}": v for k, v in _tensors(model_state).items()}
+    weights.update({f"loss.{k}": v for k, v in _tensors(loss_state).items()})
     files: dict[str, Any] = {}
     part = stem.with_suffix(".safetensors")
     files[part.name] = _write(part, lambda p: save_file(weights, p), digest=True)
+    cb_tensors = {f"{name}/{k}": v for name, tensors in (callback_tensors or {}).items()
+                  for k, v in _tensors(tensors).items()}
+    if cb_tensors:
+        part = Path(f"{stem}{CALLBACKS_PART}")
+        files[part.name] = _write(part, lambda p: save_file(cb_tensors, p), digest=True)
     extra: dict[str, Any] = {}
     if optimizer is not None:
         opt_tensors, opt_plain = _flatten_optimizer(
@@ -249,7 +264,7 @@ def list_steps(directory: Path) -> list[int]:
 
 def remove(directory: Path, step: int) -> None:
     stem = directory / f"step-{step:08d}"
-    for suffix in (".json", ".safetensors", ".train.safetensors"):
+    for suffix in (".json", ".safetensors", ".train.safetensors", CALLBACKS_PART):
         Path(f"{stem}{suffix}").unlink(missing_ok=True)
 
 
@@ -395,6 +410,32 @@ def read_weights(directory: Path, step: int
     tensors = _load_tensors(directory / f"{_name(step)}.safetensors")
     return ({k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
             {k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
+
+
+def read_callback_tensors(directory: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Checkpoint ``step``'s callback tensors, by callback name (none: ``{}``)."""
+    path = Path(f"{directory / _name(step)}{CALLBACKS_PART}")
+    if not path.is_file():
+        return {}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in _load_tensors(path).items():
+        name, _, sub = key.partition("/")
+        out.setdefault(name, {})[sub] = value
+    return out
+
+
+def read_eval_weights(directory: Path, step: int) -> dict[str, torch.Tensor]:
+    """The model weights checkpoint ``step`` is evaluated with: those of the callback its
+    ``.json`` names in ``eval_weights`` (an EMA of the weights), else the trained ones."""
+    name = load_state(directory, step).get("eval_weights")
+    if not name:
+        return read_weights(directory, step)[0]
+    tensors = read_callback_tensors(directory, step).get(str(name))
+    if not tensors:
+        raise CheckpointError(Path(f"{directory / _name(step)}{CALLBACKS_PART}"),
+                              f"has no tensors of callback {name!r}, which its .json names "
+                              "as the evaluated weights")
+    return tensors
 
 
 def load_weights(directory: Path, step: int, model: nn.Module, loss: nn.Module | None) -> None:

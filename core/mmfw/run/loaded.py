@@ -12,13 +12,19 @@ import attrs
 import torch
 
 from ..config.recipe import Recipe, apply_overrides, from_dict, load_recipe
+from ..data.augment import encoder_input_size
 from ..data.datasource import BadData, CheckedSource
-from ..eval.retrieval import evaluate_ensemble, evaluate_split
+from ..eval.protocols import evaluate_protocol
+from ..eval.retrieval import embed_options, evaluate_ensemble
+from ..eval.zeroshot import evaluate_zeroshot
 from ..model import DualEncoder, build_model
 from ..registry import create
 from ..spi.errors import MmfwError
 from . import checkpoint as ckpt
 from .rundir import CHECKPOINTS, ENSEMBLE_FILE, RECIPE_FILE
+
+#: what ``evaluate`` / ``mmfw eval --task`` measures
+TASKS = ("retrieval", "zeroshot")
 
 
 @attrs.frozen
@@ -44,6 +50,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu",
 
     ``checkpoint``: ``"latest"``, ``"best"`` (best val rsum), or ``"auto"``: the best when the
     recipe says ``eval.restore_best``, else the latest (the weights metrics.json was made with).
+    A run trained with ``[optim.ema]`` gives its EMA weights (what it was evaluated with).
     """
     d = Path(run_dir)
     members = ensemble_members(d)
@@ -67,7 +74,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu",
     ckpt.verify(d / CHECKPOINTS, step)  # a damaged checkpoint is named, never loaded
     model = build_model(recipe.model)
     model.load_assets(d)
-    ckpt.load_weights(d / CHECKPOINTS, step, model, None)
+    model.load_state_dict(ckpt.read_eval_weights(d / CHECKPOINTS, step))
     model.to(device).eval()
     return LoadedRun(d, recipe, model, step)
 
@@ -75,8 +82,12 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu",
 def evaluate(run: str | Path | LoadedRun | Sequence[str | Path | LoadedRun], *,
              split: str | None = None, data: Iterable[str] = (), batch_size: int | None = None,
              device: str | torch.device = "cpu",
-             console: Callable[[str], None] | None = None) -> dict[str, float]:
-    """Recall@1/5/10 both ways and rsum of a run on a split of its dataset.
+             console: Callable[[str], None] | None = None, task: str = "retrieval",
+             zeroshot: Iterable[str] = ()) -> dict[str, float]:
+    """Recall@1/5/10 both ways and rsum of a run on a split of its dataset, by the recipe's
+    ``eval.protocol``; with ``task = "zeroshot"``, the zero-shot classification metrics of its
+    ``[eval.zeroshot]`` (``split`` naming the labelled split, ``zeroshot`` overriding keys of
+    that table: ``"dataset=labelled"``, ``"options.path=/x"``).
 
     ``data`` overrides keys of the run's ``[data]`` section (``"annotations=/x.json"``), so the
     same model can be evaluated on another copy or another dataset. Several runs (or an
@@ -100,20 +111,46 @@ def evaluate(run: str | Path | LoadedRun | Sequence[str | Path | LoadedRun], *,
         if not runs:
             raise MmfwError("evaluate() needs at least one run directory")
         if len(runs) > 1:
+            if task != "retrieval":
+                raise MmfwError(f"--task {task} evaluates one run, not an ensemble")
             return _evaluate(runs, split, data, batch_size, device, say)
         run = runs[0]
+    if task not in TASKS:
+        raise MmfwError(f"unknown evaluation task {task!r} (one of {', '.join(TASKS)})")
     loaded = run if isinstance(run, LoadedRun) else load_run(run, device=device)
+    if task == "zeroshot":
+        return _evaluate_zeroshot(loaded, split, data, zeroshot, batch_size, device, say)
     return _evaluate([loaded], split, data, batch_size, device, say)
+
+
+def _overridden(recipe: Recipe, data: Iterable[str], zeroshot: Iterable[str] = ()) -> Recipe:
+    """The run's recipe with ``--data`` / ``--zeroshot`` overrides, validated again."""
+    data, zeroshot = list(data), list(zeroshot)
+    if data:
+        raw = apply_overrides(recipe.to_dict(), [f"data.{d}" for d in data])
+        recipe = from_dict(raw, "--data")
+    if zeroshot:
+        raw = apply_overrides(recipe.to_dict(), [f"eval.zeroshot.{z}" for z in zeroshot])
+        recipe = from_dict(raw, "--zeroshot")
+    return recipe
+
+
+def _evaluate_zeroshot(loaded: LoadedRun, split: str | None, data: Iterable[str],
+                       zeroshot: Iterable[str], batch_size: int | None,
+                       device: str | torch.device, say: Callable[[str], None]
+                       ) -> dict[str, float]:
+    recipe = _overridden(loaded.recipe, data, [*zeroshot, *([f"split={split}"] if split
+                                                            else [])])
+    log_dir = loaded.run_dir if os.access(loaded.run_dir, os.W_OK) else None
+    return evaluate_zeroshot(loaded.model, recipe, run_dir=log_dir, say=say, device=device,
+                             batch_size=batch_size)
 
 
 def _evaluate(runs: list[LoadedRun], split: str | None, data: Iterable[str],
               batch_size: int | None, device: str | torch.device,
               say: Callable[[str], None]) -> dict[str, float]:
     loaded = runs[0]
-    recipe = loaded.recipe
-    if data:
-        raw = apply_overrides(recipe.to_dict(), [f"data.{d}" for d in data])
-        recipe = from_dict(raw, "--data")
+    recipe = _overridden(loaded.recipe, data)
     raw_source = create("dataset", recipe.data.dataset.name,
                         options=recipe.data.dataset.options)
     name = split or recipe.eval.split
@@ -122,13 +159,19 @@ def _evaluate(runs: list[LoadedRun], split: str | None, data: Iterable[str],
                         f"(it has {', '.join(raw_source.splits)})")
     log_dir = loaded.run_dir if len(runs) == 1 and os.access(loaded.run_dir, os.W_OK) else None
     policy = BadData(recipe.data.on_bad, log_dir, say, evaluating=True)
-    checked = CheckedSource(raw_source, recipe, policy).split(name)  # scanned, as in training
+    source = CheckedSource(raw_source, recipe, policy)
+    checked = source.split(name)  # scanned, as in training
+    if recipe.data.cache:  # training's cache of this split, read (or filled) again
+        sizes = {encoder_input_size(r.model.vision.preprocess) for r in runs}
+        if len(sizes) == 1 and None not in sizes:  # members of other sizes decode the files
+            source.use_cache(sizes.pop())  # type: ignore[arg-type]
     kwargs = dict(batch_size=batch_size or recipe.eval.batch_size, device=device,
-                  max_images=recipe.eval.max_images)
+                  max_images=recipe.eval.max_images, **embed_options(recipe))
     if len(runs) == 1:
-        return evaluate_split(loaded.model, checked, rerank_top_k=recipe.eval.rerank_top_k,
-                              **kwargs)
+        return evaluate_protocol(loaded.model, checked, rerank_top_k=recipe.eval.rerank_top_k,
+                                 protocol=recipe.eval.protocol,
+                                 fold_size=recipe.eval.fold_size, **kwargs)
     return evaluate_ensemble([r.model for r in runs], checked, **kwargs)
 
 
-__all__ = ["ENSEMBLE_FILE", "LoadedRun", "ensemble_members", "evaluate", "load_run"]
+__all__ = ["ENSEMBLE_FILE", "TASKS", "LoadedRun", "ensemble_members", "evaluate", "load_run"]

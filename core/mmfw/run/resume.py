@@ -13,7 +13,7 @@ RESUMABLE_CHANGES = ("run.epochs", "run.max_steps", "run.max_minutes", "run.prog
                      "distributed.strategy", "distributed.local_loss", "distributed.fsdp_units",
                      "distributed.reshard_after_forward", "distributed.timeout_minutes",
                      # observing the run never changes what it computes
-                     "run.report_to", "run.profile", "report")
+                     "run.report_to", "run.profile", "report", "plots")
 
 
 def dict_changes(a: dict[str, Any], b: dict[str, Any], ignore: Iterable[str] = (),

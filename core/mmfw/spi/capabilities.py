@@ -29,6 +29,22 @@ class Stateful(Protocol):
 
 
 @runtime_checkable
+class TensorStateful(Protocol):
+    """Has tensors to checkpoint (an EMA of the weights): ``tensor_state_dict()`` ->
+    ``{name: Tensor}`` and ``load_tensor_state_dict(tensors)``. A callback with it has them
+    saved in one more safetensors file of every checkpoint (``step-N.callbacks.safetensors``,
+    hashed and verified like the weights) and restored bit for bit on ``--resume``.
+
+    A callback whose tensors are a state dict of the run's model that the run is evaluated
+    with says so with the attribute ``eval_weights = True``: the checkpoint records it, and
+    ``mmfw.load_run`` (so ``mmfw eval``, exports, ``mmfw average``) loads those weights."""
+
+    def tensor_state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_tensor_state_dict(self, tensors: dict[str, Tensor]) -> None: ...
+
+
+@runtime_checkable
 class StagedScheduler(Protocol):
     """A scheduler with stages: ``plan(step, epoch)`` says what is frozen, the LR multipliers
     and the active loss."""
@@ -90,8 +106,28 @@ class MergesAdapters(Protocol):
     def merge_adapters(self) -> None: ...
 
 
-CAPABILITIES: tuple[type, ...] = (Stateful, StagedScheduler, StageLosses, MomentumScheduler,
-                                  Uint8Vision, TokenEncoder, MergesAdapters)
+@runtime_checkable
+class SuggestsTemperature(Protocol):
+    """An encoder from a pair trained contrastively (a CLIP or SigLIP tower) that knows where
+    that training left the loss: ``initial_temperature()`` is ``tau = 1 / exp(logit_scale)``,
+    ``initial_bias()`` the logit bias (SigLIP); either is None when it has none (random
+    weights, CLIP's bias).
+
+    Read once when the run's ``[loss]`` is built: an option ``temperature`` (``bias``) of the
+    loss that the recipe does not set starts at the suggested value, and the run directory's
+    resolved recipe records it. The value belongs to the pair: it is used only when both
+    encoders suggest the same one; ``[[loss.terms]]`` and the losses of stage schedules keep
+    their own values."""
+
+    def initial_temperature(self) -> float | None: ...
+
+    def initial_bias(self) -> float | None: ...
+
+
+CAPABILITIES: tuple[type, ...] = (Stateful, TensorStateful, StagedScheduler, StageLosses,
+                                  MomentumScheduler,
+                                  Uint8Vision, TokenEncoder, MergesAdapters,
+                                  SuggestsTemperature)
 
 
 def _methods(cap: type) -> list[str]:
@@ -122,6 +158,8 @@ __all__ = [
     "StageLosses",
     "StagedScheduler",
     "Stateful",
+    "SuggestsTemperature",
+    "TensorStateful",
     "TokenEncoder",
     "Uint8Vision",
     "check",

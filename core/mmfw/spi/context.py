@@ -117,8 +117,15 @@ class RunContext(Protocol):
         """Ask the run to end after this step (``stopped_by = reason``); rank 0 decides under
         torchrun. The run still checkpoints and evaluates."""
 
-    def evaluate(self, split: str) -> dict[str, float]:
-        """Retrieval metrics of the model on ``split`` (every rank gets rank 0's)."""
+    def evaluate(self, split: str, *, final: bool = False) -> dict[str, float]:
+        """Retrieval metrics of the model on ``split`` (every rank gets rank 0's), after
+        ``on_eval_start`` (``final``: the run's final evaluation; an EMA callback puts its
+        weights in the model there)."""
+
+    def final_work(self, items: int) -> None:
+        """After training, an evaluation beyond ``eval.split`` will embed ``items`` images and
+        captions (a zero-shot set): a budget-fitted schedule (``schedule.fit_budget``) keeps
+        time for it. Call it in ``on_run_start``."""
 
     def report_eval(self, split: str, metrics: dict[str, float], *, final: bool = False
                     ) -> None:
@@ -132,7 +139,8 @@ class RunContext(Protocol):
         """The active loss's temperature, when it has one."""
 
     def load_weights(self, step: int) -> None:
-        """Load the model weights of checkpoint ``step`` (the final evaluation's best)."""
+        """Load the model weights of checkpoint ``step`` (the final evaluation's best), and
+        the tensors of that checkpoint's tensor-stateful callbacks (an EMA's weights)."""
 
     def mix(self, batch: Batch, pixels: Tensor) -> Tensor:
         """``pixels`` mixed (MixUp/CutMix) exactly as ``batch``'s images were."""

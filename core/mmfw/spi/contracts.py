@@ -135,6 +135,26 @@ class Split(Protocol):
 
 
 @runtime_checkable
+class LabelledSplit(Protocol):
+    """A split of labelled images, for zero-shot classification (``[eval.zeroshot]``).
+
+    ``label(i)`` is the class index of item ``i`` (an index into ``classnames``; it must not
+    decode the image); ``classnames`` may be empty when the labels are bare indices (the
+    recipe's ``eval.zeroshot.classnames`` then names them). Optional: ``templates``, the
+    dataset's own prompt templates (``"{c}"`` standing for the class name), and
+    ``problems(full=False)`` as for :class:`Split`.
+    """
+
+    classnames: Sequence[str]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Item: ...
+
+    def label(self, index: int) -> int: ...
+
+
+@runtime_checkable
 class DatasetSource(Protocol):
     """A dataset plugin: named splits (``train``, ``val``, ``test``).
 
@@ -254,7 +274,18 @@ def has_assets(module: nn.Module) -> bool:
 def asset_dir(run_dir: Path, modality: Modality) -> Path:
     return Path(run_dir) / "assets" / modality
 
+
+#: the ``mmfw`` export format (written by the ``mmfw`` exporter, opened by ``mmfw.load``): a
+#: folder with this manifest (JSON: ``model`` = the ``[model]`` table to rebuild from,
+#: ``paths`` = option keys of that table naming files inside the folder, ``backend``,
+#: ``run``, ``step``, ``embed_dim``), the weights, the resolved recipe, ``assets/`` (see
+#: :func:`asset_dir`) and ``metrics.json``
+EXPORT_MANIFEST = "mmfw-export.json"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_RECIPE = "recipe.toml"
+
 __all__ = [
-    'Backend', 'DatasetSource', 'Encoder', 'Exporter', 'Item', 'Loss', 'LossOutput', 'Modality', 'Problem',
-    'Row', 'Sampler', 'Scheduler', 'Split', 'StagePlan', 'asset_dir', 'has_assets',
+    'EXPORT_MANIFEST', 'EXPORT_RECIPE', 'EXPORT_WEIGHTS', 'Backend', 'DatasetSource', 'Encoder',
+    'Exporter', 'Item', 'LabelledSplit', 'Loss', 'LossOutput', 'Modality', 'Problem', 'Row',
+    'Sampler', 'Scheduler', 'Split', 'StagePlan', 'asset_dir', 'has_assets',
 ]

@@ -16,20 +16,26 @@ the core knows and the recipe does not say, fixed per kind (the ``context`` of e
     on_run_start
       (per step)  on_batch_start -> on_after_backward -> on_step_end
                   on_log_row (whenever a row is logged)
-      (per epoch) on_eval_end (validation) -> on_epoch_end -> on_checkpoint_save
-    on_run_end -> on_eval_end (final)        on_checkpoint_restore (on --resume, before steps)
+      (per epoch) on_epoch_end [on_eval_start -> on_eval_end (validation)] -> on_checkpoint_save
+    on_run_end [on_eval_start -> on_eval_end (final)]
+    on_checkpoint_restore (on --resume, before steps)
 
 A callback implements the events it needs (subclassing :class:`Callback` is optional: the
 core calls the methods an object has, checked once against these signatures). A callback
 with ``state_dict()`` / ``load_state_dict(state)`` (:class:`~mmfw.spi.capabilities.Stateful`)
 has its state saved in every checkpoint and restored on ``--resume``, so a resumed run
-behaves as the unbroken one. A callback factory may declare:
+behaves as the unbroken one; tensors (an EMA of the weights) go through
+:class:`~mmfw.spi.capabilities.TensorStateful` instead. A callback factory may declare:
 
 - ``section``: the recipe table that configures it (``"diagnostics"``); a table of the core
   (``"eval"``) is handed over as the core validated it, any other is validated against the
   factory's ``Options``. Default: ``callbacks.<name>``.
+  A sub-table of a core table (``"optim.ema"``) is the callback's own: the core's table is
+  validated without it, so unknown keys of ``[optim]`` are refused as before.
 - ``default = True``: it runs in every run (the built-in ones do). Other callbacks run when
   the recipe lists them: ``run.callbacks = ["<name>", ...]``.
+- ``when_configured = True``: it runs when the recipe has its ``section`` table (``[optim.ema]``
+  turns EMA on), with no need to list it.
 - ``why_unavailable()``: None when it can run here, else one sentence saying why not (a
   missing optional package, with the extra that installs it: ``pip install mmfw[wandb]``);
   a recipe that lists it is refused with that sentence at its key. Checked when the recipe
@@ -197,6 +203,12 @@ class Callback:
         """A row was logged (``type``: ``train``, ``eval``, ``diagnostics``, ``warning``,
         ...); on rank 0 it is already in ``metrics.jsonl``."""
 
+    def on_eval_start(self, ctx: RunContext, split: str, final: bool) -> None:
+        """``ctx.evaluate`` is about to embed ``split`` with ``ctx.model`` (``final``: the run's
+        final evaluation). A callback may put other weights into the model here (EMA); it
+        puts the trained ones back in ``on_eval_end`` (which ``ctx.report_eval`` sends after
+        every evaluation of the core), or at the latest before the next step."""
+
     def on_eval_end(self, ctx: RunContext, split: str, metrics: dict[str, float],
                     final: bool) -> None:
         """An evaluation finished (``final``: the run's final evaluation, metrics.json)."""
@@ -221,5 +233,5 @@ EVENTS: tuple[str, ...] = tuple(n for n in vars(Callback) if n.startswith("on_")
 
 __all__ = ["EVENTS", "KINDS", "Callback", "Factories", "Kind", "RunContext", "StepEnd",
            "hookimpl", "hookspec", "kind", "mmfw_adapters", "mmfw_backends", "mmfw_callbacks",
-           "mmfw_datasets", "mmfw_encoders", "mmfw_exporters", "mmfw_losses", "mmfw_models", "mmfw_presets",
-           "mmfw_samplers", "mmfw_schedulers"]
+           "mmfw_datasets", "mmfw_encoders", "mmfw_exporters", "mmfw_losses", "mmfw_models",
+           "mmfw_presets", "mmfw_samplers", "mmfw_schedulers"]

@@ -1,8 +1,10 @@
 """``mmfw report RUN_DIR``: one self-contained HTML page about a run.
 
 Recipe, final metrics, evaluations during training, the latest collapse diagnostics and their
-trend, warnings, and every plot of the run embedded as a base64 PNG: the page has no external
-assets, so it can be mailed, attached to an issue or opened offline.
+trend, warnings, every plot of the run embedded as a base64 PNG, and a failure browser: the
+worst-ranked queries of the test split both ways, with thumbnails (base64 JPEG) of the images
+involved. The page has no external assets, so it can be mailed, attached to an issue or opened
+offline.
 """
 
 from __future__ import annotations
@@ -10,18 +12,30 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
+import io
 import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..eval.retrieval import METRIC_KEYS
+from ..data.augment import as_uint8
+from ..data.datasource import BadData, CheckedSource, Prepared
+from ..eval.retrieval import METRIC_KEYS, embed_options, embed_split
+from ..registry import create
+from ..run.loaded import LoadedRun, load_run
 from ..run.rundir import METRICS_JSONL, RECIPE_FILE, RunDir
 from ..spi.errors import MmfwError
+from .failures import Failure, worst_queries
 from .plots import diagnostics_plot, training_plot
 
 REPORT_HTML = "report.html"
+#: worst-ranked queries shown per direction by default (``mmfw report --failures N``)
+FAILURES = 10
+#: candidates shown per failed query
+FAILURE_TOP_K = 5
+#: longest side of a thumbnail, in pixels
+THUMB = 64
 
 #: diagnostics shown in the report: (row key without the batch/probe prefix, label, better)
 DIAG_KEYS = (
@@ -58,6 +72,13 @@ pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}
 .ok{background:#f3fff3;border-left:4px solid #090;padding:.4em .8em}
 .muted{color:#777}figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}
 .good{color:#070}.bad{color:#b00}
+table.fail td,table.fail th{text-align:left;vertical-align:top}
+table.fail ol{margin:0;padding-left:1.4em}
+img.thumb{width:64px;height:64px;object-fit:contain;image-rendering:pixelated;
+border:2px solid #ccc;background:#fff}img.thumb.hit{border-color:#090}
+img.thumb.truth{border-color:#06c}.cands{display:flex;gap:.4em}
+table.fail td:nth-child(2){white-space:nowrap}
+.cands figure{margin:0;text-align:center;font-size:.8em}
 """
 
 
@@ -77,10 +98,11 @@ def _num(value: Any, digits: int = 3) -> str:
     return _esc(value)
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
     th = "".join(f"<th>{_esc(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+    table = f'<table class="{cls}">' if cls else "<table>"
+    return f"{table}<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _png(path: Path) -> str:
@@ -204,8 +226,131 @@ def _plots_section(run_dir: RunDir, rows: list[dict]) -> str:
     return "".join(out)
 
 
-def render_report(run_dir: str | Path) -> str:
-    """The HTML text of a run's report (nothing is written)."""
+class _Thumbs:
+    """Thumbnails of a split's images as ``data:`` URIs, each made once."""
+
+    def __init__(self, split: Prepared) -> None:
+        self.split, self.made = split, {}
+
+    def __call__(self, row: int) -> str:
+        if row not in self.made:
+            from PIL import Image
+
+            pixels = as_uint8(self.split[row].image)
+            picture = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
+            picture.thumbnail((THUMB, THUMB))
+            buf = io.BytesIO()
+            # no chroma subsampling: the colours of small images stay where they are
+            picture.save(buf, "JPEG", quality=90, subsampling=0)
+            self.made[row] = ("data:image/jpeg;base64,"
+                              + base64.b64encode(buf.getvalue()).decode("ascii"))
+        return self.made[row]
+
+    def img(self, row: int, cls: str = "") -> str:
+        classes = f"thumb {cls}" if cls else "thumb"
+        return (f'<img class="{classes}" alt="image {row}" title="image {row}" '
+                f'src="{self(row)}">')
+
+
+def _eval_split(loaded: LoadedRun, say: list[str]) -> Prepared:
+    """The run's evaluation split as ``mmfw eval`` reads it (``data.on_bad`` honoured; what
+    is skipped is said, nothing is written into the run)."""
+    recipe = loaded.recipe
+    source = create("dataset", recipe.data.dataset.name, options=recipe.data.dataset.options)
+    name = recipe.eval.split
+    if name not in source.splits:
+        raise MmfwError(f"dataset '{recipe.data.dataset.name}' has no split '{name}' "
+                        f"(it has {', '.join(source.splits)})")
+    policy = BadData(recipe.data.on_bad, None, say.append, evaluating=True)
+    return CheckedSource(source, recipe, policy).split(name)
+
+
+def _candidates(f: Failure, thumbs: _Thumbs) -> str:
+    cells = []
+    for row, score, hit in zip(f.top, f.scores, f.correct):
+        mark = '<span class="good">✓</span>' if hit else ""
+        cells.append(f"<figure>{thumbs.img(row, 'hit' if hit else '')}"
+                     f"<figcaption>{mark}{score:.3f}</figcaption></figure>")
+    return f'<div class="cands">{"".join(cells)}</div>'
+
+
+def _failures_section(run_dir: RunDir, count: int) -> str:
+    head = '<h2 id="failures">Worst-ranked queries</h2>'
+    notes: list[str] = []
+    try:
+        loaded = load_run(run_dir.path)
+        split = _eval_split(loaded, notes)
+        ev = loaded.recipe.eval
+        images, texts, owner = embed_split(loaded.model, split, batch_size=ev.batch_size,
+                                           max_images=ev.max_images,
+                                           **embed_options(loaded.recipe))
+    except (MmfwError, OSError) as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f'{head}<p class="muted">Not shown: {_esc(why.rstrip(".:"))}.</p>'
+    load_failures = len(notes)
+    n, m = images.shape[0], texts.shape[0]
+    captions = [c for i in range(n) for c in split.captions(i)]  # embed_split's order
+    found = worst_queries(images, texts, owner, count, FAILURE_TOP_K)
+    thumbs = _Thumbs(split)
+    k = FAILURE_TOP_K
+    skipped = len(split.split) - len(split)
+    a, b = len(found.i2t), len(found.t2i)
+    shown = (f"the {a} worst queries each way" if a == b else
+             f"the {a} worst image queries and the {b} worst caption queries")
+    out = [head, f"<p>The <b>{_esc(ev.split)}</b> split ({n} images, {m} captions), embedded "
+                 f"with the checkpoint of step {loaded.step} and ranked by cosine similarity "
+                 f"as in the evaluation. A rank is that of the best correct candidate "
+                 f"(rank &le; K is a hit at Recall@K). Worst first: {shown}, each with "
+                 f"its top {k}.</p>"]
+    if skipped:
+        out.append(f'<p class="muted">{skipped} bad item(s) of the split are left out '
+                   f'(data.on_bad = "skip").</p>')
+    if load_failures:
+        out.append(f'<p class="muted">{load_failures} image(s) failed to load while '
+                   "embedding; a blank image stands in for each.</p>")
+    if ev.rerank_top_k:
+        out.append(f'<p class="muted">These are the dual encoder\'s ranks, before the fusion '
+                   f"head re-ranks each top {ev.rerank_top_k} (eval.rerank_top_k), so they "
+                   "can differ from metrics.json.</p>")
+    for name, ranks, total in (("image → text", found.i2t_ranks, m),
+                               ("text → image", found.t2i_ranks, n)):
+        median = int(ranks.float().median().item()) if ranks.numel() else 0
+        outside = int((ranks > 10).sum())
+        out.append(f"<p><b>{name}</b>: median rank {median} of {total}; {outside} of "
+                   f"{ranks.numel()} queries have no correct answer in their top 10.</p>")
+    rows = []
+    for f in found.i2t:
+        items = "".join(
+            f'<li class="{"good" if hit else ""}">{"✓ " if hit else ""}{_esc(captions[j])} '
+            f'<span class="muted">{score:.3f}</span></li>'
+            for j, score, hit in zip(f.top, f.scores, f.correct))
+        truth = (f'{_esc(captions[f.truth])} <span class="muted">{f.truth_score:.3f}</span>'
+                 if f.truth >= 0 else '<span class="muted">(the image has no caption)</span>')
+        rows.append([thumbs.img(f.query), f'<b>{f.rank}</b> <span class="muted">/ {m}</span>',
+                     f"<ol>{items}</ol>", truth])
+    if rows:
+        out.append("<h3>Image → text</h3>")
+        out.append(_table(["query image", "rank", f"top {k} captions (✓ correct, cosine)",
+                           "its best-ranked caption"], rows, "fail"))
+    rows = []
+    for f in found.t2i:
+        truth = (f"<figure>{thumbs.img(f.truth, 'truth')}<figcaption>"
+                 f"{f.truth_score:.3f}</figcaption></figure>")
+        rows.append([_esc(captions[f.query]), f'<b>{f.rank}</b> <span class="muted">/ {n}</span>',
+                     f'<div class="cands">{truth}</div>', _candidates(f, thumbs)])
+    if rows:
+        out.append("<h3>Text → image</h3>")
+        out.append(_table(["query caption", "rank", "its image",
+                           f"top {k} images (✓ correct, cosine)"], rows, "fail"))
+    return "".join(out)
+
+
+def render_report(run_dir: str | Path, *, failures: int = FAILURES) -> str:
+    """The HTML text of a run's report (nothing is written).
+
+    ``failures``: worst-ranked queries shown per direction (0: no failure browser, and the
+    model is not loaded).
+    """
     d = RunDir.existing(run_dir)
     if not d.recipe_file.is_file():
         raise MmfwError(f"{d} is not a run directory (no {RECIPE_FILE} in it)")
@@ -224,16 +369,18 @@ def render_report(run_dir: str | Path) -> str:
         _diagnostics_section(rows),
         _training_section(rows),
         _plots_section(d, rows),
+        _failures_section(d, failures) if failures > 0 else "",
         f"<h2>Recipe</h2><pre>{_esc(recipe)}</pre>",
         "</body></html>",
     ]
     return "\n".join(parts)
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def write_report(run_dir: str | Path, out: str | Path | None = None, *,
+                 failures: int = FAILURES) -> Path:
     """Write the report (default ``RUN_DIR/report.html``) and return its path."""
     path = Path(out) if out is not None else Path(run_dir) / REPORT_HTML
-    text = render_report(run_dir)
+    text = render_report(run_dir, failures=failures)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path

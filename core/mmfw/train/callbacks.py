@@ -13,9 +13,11 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from torch import Tensor
+
 from ..config.recipe import Recipe
 from ..registry import create
-from ..spi.capabilities import Stateful, check
+from ..spi.capabilities import Stateful, TensorStateful, check
 from ..spi.errors import PluginError
 from ..spi.hookspecs import EVENTS, Callback
 
@@ -59,7 +61,15 @@ class Callbacks:
                 calls.append(method)
             self.calls[event] = calls
         for name, cb in self.items.items():
-            check(cb, f"callback '{name}'", (Stateful,))
+            check(cb, f"callback '{name}'", (Stateful, TensorStateful))
+        evaluated = [n for n, cb in self.items.items() if self._eval_weights(cb)]
+        if len(evaluated) > 1:
+            raise PluginError(f"callbacks {', '.join(evaluated)} each say eval_weights = True: "
+                              "one set of weights can be the one a run is evaluated with")
+
+    @staticmethod
+    def _eval_weights(cb: object) -> bool:
+        return isinstance(cb, TensorStateful) and bool(getattr(cb, "eval_weights", False))
 
     @classmethod
     def build(cls, recipe: Recipe) -> Callbacks:
@@ -95,3 +105,17 @@ class Callbacks:
         for name, cb in self.items.items():
             if isinstance(cb, Stateful) and name in state:
                 cb.load_state_dict(state[name])
+
+    def tensor_state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """Each tensor-stateful callback's tensors, by callback name."""
+        return {name: cb.tensor_state_dict() for name, cb in self.items.items()
+                if isinstance(cb, TensorStateful)}
+
+    def load_tensor_state_dict(self, tensors: dict[str, dict[str, Tensor]]) -> None:
+        for name, cb in self.items.items():
+            if isinstance(cb, TensorStateful) and name in tensors:
+                cb.load_tensor_state_dict(tensors[name])
+
+    def eval_weights(self) -> str | None:
+        """The callback whose tensors are the weights the run is evaluated with (EMA)."""
+        return next((n for n, cb in self.items.items() if self._eval_weights(cb)), None)

@@ -4,7 +4,9 @@ What a checkpoint holds (see :mod:`mmfw.run.checkpoint` for the files): the mode
 loss (weights, a memory queue), the optimizer, the GradScaler and the RNGs; and, as JSON, the
 run's progress (step, epoch, training seconds spent), the world size, the optimisation's
 state (scheduler, skipped-step counters), the sampler's position and each stateful
-callback's ``state_dict()``. Restoring puts each back, so the resumed run is the unbroken one.
+callback's ``state_dict()``; callbacks' tensors (``tensor_state_dict()``: an EMA) in a part of
+their own, with the name of the callback whose tensors are the evaluated weights.
+Restoring puts each back, so the resumed run is the unbroken one.
 """
 
 from __future__ import annotations
@@ -64,11 +66,14 @@ class Checkpointer:
         state = {"epoch": p.epoch, "seconds": p.seconds, "world_size": s.world.world_size,
                  "sampler": self._sampler_state(), "optimisation": self.opt.state_dict(),
                  "callbacks": self.callbacks.state_dict(), "recipe": self.recipe.digest()}
+        if (evaluated := self.callbacks.eval_weights()) is not None:
+            state["eval_weights"] = evaluated
         try:
             ckpt.save(self.dir, step, model=self.model, loss=self.losses,
                       optimizer=self.opt.optimizer, state=state,
                       keep=self.recipe.run.keep_last, scaler=self.opt.scaler,
-                      model_state=model_state, optimizer_state=optimizer_state)
+                      model_state=model_state, optimizer_state=optimizer_state,
+                      callback_tensors=self.callbacks.tensor_state_dict())
         except (OSError, SafetensorError) as err:  # a full disk, a quota, a vanished mount
             raise RunDirError(f"cannot write checkpoint step {step} into {self.dir}: {err} "
                               "(is the disk full?). The previous checkpoint is intact; free "
@@ -99,4 +104,5 @@ class Checkpointer:
         if state.get("sampler") is not None and isinstance(self.sampler, Stateful):
             self.sampler.load_state_dict(state["sampler"])
         self.callbacks.load_state_dict(state.get("callbacks", {}))
+        self.callbacks.load_tensor_state_dict(ckpt.read_callback_tensors(self.dir, step))
         self.saved = step

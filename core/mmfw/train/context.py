@@ -4,15 +4,18 @@ with the services of :class:`mmfw.spi.RunContext`."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from ..data.batching import Batch
-from ..eval.retrieval import evaluate_split
+from ..eval.protocols import evaluate_protocol
+from ..eval.retrieval import embed_options
 from ..run import checkpoint as ckpt
 from ..spi.temperature import Temperature
+from .budget import evaluation_items
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -69,15 +72,28 @@ class TrainerContext:
             finally:
                 self._model = None
 
-    def evaluate(self, split: str) -> dict[str, float]:
+    def evaluate(self, split: str, *, final: bool = False) -> dict[str, float]:
         e, t = self.recipe.eval, self._t
+        t.callbacks.fire("on_eval_start", self, split, final)
+        began, data = time.perf_counter(), t.data.source.split(split)
         with self.whole_model() as model:
-            metrics = evaluate_split(
-                model, t.data.source.split(split), batch_size=e.batch_size, device=t.device,
+            # eval.protocol is the final split's (validation ranks the whole val split)
+            metrics = evaluate_protocol(
+                model, data, batch_size=e.batch_size, device=t.device,
                 autocast=t.backend.autocast, max_images=e.max_images,
-                rerank_top_k=e.rerank_top_k) if self.is_main else None
+                rerank_top_k=e.rerank_top_k, fold_size=e.fold_size,
+                **embed_options(self.recipe),
+                protocol=e.protocol if split == e.split else "karpathy") \
+                if self.is_main else None
             model.train()
+        if t.opt.clock is not None:  # its pace: the final evaluation's share of the budget
+            t.opt.clock.evaluated(evaluation_items(data, e.max_images),
+                                  time.perf_counter() - began)
         return t.strategy.agree(metrics)
+
+    def final_work(self, items: int) -> None:
+        if self._t.opt.clock is not None:
+            self._t.opt.clock.final_items += int(items)
 
     def report_eval(self, split: str, metrics: dict[str, float], *, final: bool = False
                     ) -> None:
@@ -95,6 +111,8 @@ class TrainerContext:
     def load_weights(self, step: int) -> None:
         model_state, _ = ckpt.read_weights(self.run_dir.checkpoints, step)
         self._t.strategy.load_model_state(model_state)
+        self._t.callbacks.load_tensor_state_dict(
+            ckpt.read_callback_tensors(self.run_dir.checkpoints, step))
 
     def mix(self, batch: Batch, pixels: Tensor) -> Tensor:
         return self._t.mixer(Batch(pixels, {}, batch.image_ids, batch.text_ids),

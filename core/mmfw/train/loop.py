@@ -28,12 +28,13 @@ from ..run.rundir import RunDir
 from ..spi.context import StepEnd
 from ..spi.contracts import LossOutput
 from ..spi.errors import MmfwError, RecipeError
+from .budget import BudgetClock, evaluation_items
 from .callbacks import Callbacks
 from .checkpointer import Checkpointer, Progress
 from .context import TrainerContext
 from .optimisation import Optimisation
 from .rows import SystemStats, Throughput, train_row
-from .setup import check_parts, claim, prepare_assets
+from .setup import check_parts, claim, loss_start, prepare_assets, record_recipe
 from .step import ContrastiveStep
 
 
@@ -84,10 +85,13 @@ class Trainer:
             raise
 
     def _build(self, resume: bool, overwrite: bool) -> None:
-        r = self.recipe
-        start = claim(self.run_dir, r, self.world, self.strategy, self.say, resume=resume,
-                      overwrite=overwrite)
-        self.backend.seed(r.run.seed)
+        start = claim(self.run_dir, self.world, self.say, resume=resume, overwrite=overwrite)
+        self.backend.seed(self.recipe.run.seed)
+        # the model before the recipe is recorded: its encoders may set where the loss starts
+        # (a pretrained CLIP's temperature), which the run directory's recipe then holds
+        self.model: DualEncoder = build_model(self.recipe.model)
+        r = self.recipe = loss_start(self.recipe, self.model, self.say)
+        record_recipe(self.run_dir, r, self.world, self.strategy, resume=bool(resume))
 
         w = self.world.world_size  # each rank's sampler makes batch_size / w of a step
         if r.sampler.batch_size % w:
@@ -98,7 +102,6 @@ class Trainer:
                                                      // w))
         self.data = TrainingData(local, self.run_dir.path, self.say, rank=self.world.rank,
                                  world_size=w)
-        self.model: DualEncoder = build_model(r.model)
         prepare_assets(self.model, self.run_dir, self.data.pairs, self.world, self.strategy,
                        resumed=bool(start))
         loss = create("loss", r.loss.name, options=r.loss.options).to(self.device)
@@ -120,6 +123,9 @@ class Trainer:
         self.opt = Optimisation(r, self.model, loss, self.backend, self.device,
                                 total_steps=self.total_steps,
                                 steps_per_epoch=self.steps_per_epoch, say=self.say)
+        if r.schedule.fit_budget and r.run.max_minutes:
+            self.opt.clock = BudgetClock(r.run.max_minutes * 60, self.total_steps,
+                                         r.sampler.batch_size)
         self.callbacks = Callbacks.build(r)
         check_parts(r, self.opt, self.callbacks, self.strategy)
         if callable(getattr(self.backend, "prepare", None)):
@@ -165,6 +171,10 @@ class Trainer:
         fire("on_run_start", ctx)
         speed, stop = Throughput(), None
         self.system = SystemStats(self.device)
+        clock = self.opt.clock
+        if clock is not None and self.recipe.eval.split in self.data.source.splits:
+            clock.final_items = evaluation_items(self.data.source.split(self.recipe.eval.split),
+                                                 self.recipe.eval.max_images)
         try:
             while stop is None and p.epoch < r.epochs:
                 self.sampler.set_epoch(p.epoch)
@@ -174,6 +184,8 @@ class Trainer:
                     out, img, txt, lr = self.run_step(batch)
                     done = time.perf_counter()
                     elapsed = done - t0
+                    if clock is not None:
+                        clock.step_done(p.step, p.seconds + elapsed)
                     speed.add(len(batch) * self.world.world_size,  # the global batch
                               data_s=began - waited, compute_s=done - began)
                     row = self._row(out, img, txt, batch, lr, speed) \
@@ -182,18 +194,27 @@ class Trainer:
                     if r.checkpoint_every and p.step % r.checkpoint_every == 0 \
                             and p.step % self.steps_per_epoch and p.step < self.total_steps:
                         self._save(p.seconds + elapsed)
+                        if clock is not None:
+                            clock.between_steps(time.perf_counter() - done)
+                    out_of_time = clock.out_of_time(p.seconds + elapsed) if clock is not None \
+                        else elapsed > budget
                     stop = ctx.stop_reason or ("max_steps" if p.step >= self.total_steps else
-                                               "max_minutes" if elapsed > budget else
+                                               "max_minutes" if out_of_time else
                                                "preempted" if preempted else None)
-                    if self.world.distributed:  # rank 0 decides for all
+                    if self.world.distributed and clock is None:  # rank 0 decides for all
                         stop = self.strategy.agree(stop)
+                    elif self.world.distributed:  # and every rank follows its schedule clock
+                        stop, clock.position = self.strategy.agree((stop, clock.position))
                     if stop:
                         break
                     waited = time.perf_counter()
                 if p.step >= (p.epoch + 1) * self.steps_per_epoch:
                     p.epoch += 1
+                    ended = time.perf_counter()
                     fire("on_epoch_end", ctx, p.epoch)
                     self._save(p.seconds + time.perf_counter() - t0)
+                    if clock is not None:
+                        clock.between_steps(time.perf_counter() - ended)
                     stop = self.strategy.agree(stop or ctx.stop_reason)
                     speed.reset()  # evaluation time is not training speed
             self._save(p.seconds + time.perf_counter() - t0)
@@ -221,6 +242,8 @@ class Trainer:
                         stage=opt.plan.index if opt.staged and opt.plan else None,
                         accumulate=self.recipe.optim.accumulate,
                         local_loss=self.world.distributed and self.recipe.distributed.local_loss)
+        if opt.clock is not None:  # how far the budget-fitted schedule is
+            row["schedule/position"] = round(opt.clock.position / max(self.total_steps, 1), 4)
         self.ctx.log(row)
         return row
 

@@ -21,6 +21,7 @@ from ..spi.capabilities import MomentumScheduler, StagedScheduler, StageLosses, 
 from ..spi.contracts import LossOutput, StagePlan
 from ..spi.errors import MmfwError, RecipeError
 from ..spi.temperature import Temperature
+from .budget import BudgetClock
 from .params import ParamTable, balance_towers, lr_multipliers
 
 
@@ -88,6 +89,9 @@ class Optimisation:
         self._announced: str | None = None
         self.stats: dict[str, Tensor | float] = {}
         self.nonfinite_steps = self.scaler_skips = 0
+        self.steps_per_epoch = steps_per_epoch
+        #: ``schedule.fit_budget``: the scheduler is asked about the budget's position
+        self.clock: BudgetClock | None = None
         self.apply(self.current_plan(0, 0), 0)
 
     def loss_names(self) -> set[str]:
@@ -104,7 +108,13 @@ class Optimisation:
         return {self.recipe.loss.name: self.default_loss, **self.stage_losses}
 
     # stage plans and the learning rate ----------------------------------------------------
+    def position(self, step: int, epoch: int) -> tuple[int, int]:
+        """The (step, epoch) the scheduler is asked about: the run's, or with a budget clock
+        the schedule position that ends with the budget."""
+        return self.clock.schedule_step(self.steps_per_epoch) if self.clock else (step, epoch)
+
     def current_plan(self, step: int, epoch: int) -> StagePlan:
+        step, epoch = self.position(step, epoch)
         return self.scheduler.plan(step, epoch) if self.staged else StagePlan()
 
     def apply(self, plan: StagePlan, step: int) -> None:
@@ -143,8 +153,9 @@ class Optimisation:
         if plan.stage and plan.stage != self._announced:
             self._announced = plan.stage
             self._announce(plan, step)
-        lr = self.recipe.optim.lr * self.scheduler.lr_factor(step)
-        beta1 = self.scheduler.momentum(step) if self.momentum else None
+        at, _ = self.position(step, epoch)
+        lr = self.recipe.optim.lr * self.scheduler.lr_factor(at)
+        beta1 = self.scheduler.momentum(at) if self.momentum else None
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
             if beta1 is not None:
@@ -237,6 +248,8 @@ class Optimisation:
                                  "scaler_skips": self.scaler_skips}
         if isinstance(self.scheduler, Stateful):
             state["scheduler"] = self.scheduler.state_dict()
+        if self.clock is not None:
+            state["budget_clock"] = self.clock.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -244,3 +257,5 @@ class Optimisation:
         self.scaler_skips = int(state.get("scaler_skips", 0))
         if state.get("scheduler") is not None and isinstance(self.scheduler, Stateful):
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.clock is not None and state.get("budget_clock") is not None:
+            self.clock.load_state_dict(state["budget_clock"])
