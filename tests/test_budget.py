@@ -50,6 +50,22 @@ def test_a_budget_that_does_not_bind_follows_the_steps() -> None:
     assert positions == [float(s) for s in range(1, 301)]
 
 
+def test_evaluations_and_a_slow_start_do_not_rush_a_budget_that_does_not_bind() -> None:
+    clock = BudgetClock(budget_s=300, total=780, batch=128)  # ~160 s of steps and evaluations
+    clock.final_items = 6000
+    elapsed, positions = 0.0, []
+    for step in range(1, 781):
+        elapsed += 2.0 if step <= 5 else 0.2  # the loader's workers starting up
+        clock.step_done(step, elapsed)
+        positions.append(clock.position)
+        if step % 390 == 0:  # a validation of 8 s at each epoch's end
+            elapsed += 8.0
+            clock.between_steps(8.0)
+            clock.evaluated(3000, 8.0)
+        assert not clock.out_of_time(elapsed)
+    assert positions == [float(s) for s in range(1, 781)]
+
+
 def test_position_is_saved_and_restored() -> None:
     clock = BudgetClock(budget_s=60, total=1000, batch=32)
     simulate(clock, 0.1, limit=200)
@@ -87,6 +103,9 @@ def test_a_budget_cut_run_decays_its_lr_and_fits_its_final_evaluation(tmp_path) 
     try:  # a resumed run continues the schedule where this one ended
         assert resumed.opt.clock.position / resumed.total_steps == pytest.approx(
             positions[-1], abs=1e-4)
+        # with the training seconds spent: each checkpoint's own, never added up again
+        assert resumed.progress.epoch >= 2  # several checkpoints were written
+        assert 0 < resumed.progress.seconds <= result.seconds
     finally:
         resumed.release()
 

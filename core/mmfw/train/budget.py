@@ -49,9 +49,11 @@ class BudgetClock:
     # what the trainer tells it ------------------------------------------------------------
     def step_done(self, step: int, elapsed: float) -> None:
         """Step ``step`` ended at ``elapsed`` seconds of the run (all sessions)."""
-        self._times.append((step, elapsed))
         self._session_steps += 1
-        if self._session_steps <= self.WARM_STEPS or len(self._times) < 2:
+        if self._session_steps > self.WARM_STEPS:  # the first steps' pace is start-up's
+            # training time only: what went between steps is counted apart, spread evenly
+            self._times.append((step, elapsed - self._between))
+        if len(self._times) < 2:
             self.position = min(float(self.total), max(self.position, float(step)))
             return
         fits = step + max(self.budget - elapsed - self.reserve(), 0.0) / self.pace()
@@ -80,8 +82,9 @@ class BudgetClock:
         if not self.final_items:
             return 0.0
         per_item = self.eval_s_per_item
-        if per_item is None:  # a forward pass of an item is about a third of a step's share
-            per_item = self.pace() / (2 * self.batch) / 3 if len(self._times) >= 2 else 0.0
+        if per_item is None:  # an item as dear as half a training pair: embedding is a
+            # forward pass only, but one item at a time through preprocessing and tokenizing
+            per_item = self.pace() / (2 * self.batch) if len(self._times) >= 2 else 0.0
         return self.MARGIN * per_item * self.final_items
 
     def out_of_time(self, elapsed: float) -> bool:

@@ -159,7 +159,10 @@ class Trainer:
     def fit(self) -> str:
         """Train until epochs, max_steps or max_minutes (or a callback's stop); returns why."""
         r, p, ctx, fire = self.recipe.run, self.progress, self.ctx, self.callbacks.fire
-        budget = r.max_minutes * 60 - p.seconds if r.max_minutes else math.inf
+        # the training seconds of earlier sessions (a resumed run); p.seconds itself is
+        # updated at every checkpoint, so this session's clock adds to this, not to it
+        before = p.seconds
+        budget = r.max_minutes * 60 - before if r.max_minutes else math.inf
         t0 = time.perf_counter()
         preempted: list[int] = []
         try:  # every rank (torchrun forwards SIGTERM to all); rank 0's flag decides
@@ -185,7 +188,7 @@ class Trainer:
                     done = time.perf_counter()
                     elapsed = done - t0
                     if clock is not None:
-                        clock.step_done(p.step, p.seconds + elapsed)
+                        clock.step_done(p.step, before + elapsed)
                     speed.add(len(batch) * self.world.world_size,  # the global batch
                               data_s=began - waited, compute_s=done - began)
                     row = self._row(out, img, txt, batch, lr, speed) \
@@ -193,10 +196,10 @@ class Trainer:
                     fire("on_step_end", ctx, StepEnd(out, img, txt, batch, lr, row))
                     if r.checkpoint_every and p.step % r.checkpoint_every == 0 \
                             and p.step % self.steps_per_epoch and p.step < self.total_steps:
-                        self._save(p.seconds + elapsed)
+                        self._save(before + elapsed)
                         if clock is not None:
                             clock.between_steps(time.perf_counter() - done)
-                    out_of_time = clock.out_of_time(p.seconds + elapsed) if clock is not None \
+                    out_of_time = clock.out_of_time(before + elapsed) if clock is not None \
                         else elapsed > budget
                     stop = ctx.stop_reason or ("max_steps" if p.step >= self.total_steps else
                                                "max_minutes" if out_of_time else
@@ -212,12 +215,12 @@ class Trainer:
                     p.epoch += 1
                     ended = time.perf_counter()
                     fire("on_epoch_end", ctx, p.epoch)
-                    self._save(p.seconds + time.perf_counter() - t0)
+                    self._save(before + time.perf_counter() - t0)
                     if clock is not None:
                         clock.between_steps(time.perf_counter() - ended)
                     stop = self.strategy.agree(stop or ctx.stop_reason)
                     speed.reset()  # evaluation time is not training speed
-            self._save(p.seconds + time.perf_counter() - t0)
+            self._save(before + time.perf_counter() - t0)
         finally:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
