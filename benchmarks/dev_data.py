@@ -102,7 +102,7 @@ def annotations() -> dict[str, tuple[str, list[str]]]:
 
 def emoji(size: int) -> Iterator[tuple[str, Image.Image, list[str]]]:
     font = ImageFont.truetype(str(EMOJI_FONT), 109)  # the font's one bitmap size
-    blank = None
+    blank = _missing_glyph(font)  # the "missing glyph" box: sequences the font cannot draw
     for cp, (name, keys) in sorted(annotations().items()):
         if not any(ord(c) >= 0x2190 for c in cp):  # letters, digits, punctuation: no picture
             continue
@@ -112,10 +112,7 @@ def emoji(size: int) -> Iterator[tuple[str, Image.Image, list[str]]]:
         if box is None:
             continue
         glyph = im.crop(box)
-        pixels = glyph.tobytes()
-        if blank is None:  # the font's "missing glyph" box: skip sequences it cannot draw
-            blank = _missing_glyph(font)
-        if pixels == blank:
+        if glyph.tobytes() == blank:
             continue
         keywords = [k for k in keys if k != name]
         captions = [name, f"an emoji of {name}"]

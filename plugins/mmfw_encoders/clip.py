@@ -32,7 +32,6 @@ from typing import Any, Literal
 
 import attrs
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from mmfw.spi import PluginError, option, require_code
@@ -41,6 +40,7 @@ from . import hub
 from .groups import ordered, transformer_groups
 from .hf_text import clean_text, enable_checkpointing, no_remote_code
 from .hf_vision import pipeline_of
+from .images import PipelineImages
 from .lora import LoraOptions, apply_lora, merge_lora
 
 Tower = Literal["vision", "text"]
@@ -265,7 +265,7 @@ class ClipTower(nn.Module):
         return ordered(embeddings, layers, [n for n in head if n not in pre])
 
 
-class ClipVision(ClipTower):
+class ClipVision(PipelineImages, ClipTower):
     """The image tower: ``forward(pixels)`` is the full model's ``get_image_features``."""
 
     Options = ClipVisionOptions
@@ -287,19 +287,6 @@ class ClipVision(ClipTower):
                 raise PluginError(f"clip-vision: {options.model!r} has no attention-pooling "
                                   "head (vision_use_head = false), so no image embedding")
             self.dim = int(self.model.config.hidden_size)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.pipeline.output_size
-
-    def preprocess(self, image: Image.Image | Tensor) -> Tensor:
-        return self.pipeline(image)
-
-    def preprocess_uint8(self, image: Image.Image | Tensor) -> Tensor:
-        return self.pipeline.geometry(image)
-
-    def normalize(self, pixels: Tensor) -> Tensor:
-        return self.pipeline.finish(pixels)
 
     def forward(self, pixels: Tensor) -> Tensor:
         out = self.model(pixel_values=pixels)

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import attrs
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from mmfw.spi import option
@@ -30,7 +29,7 @@ from .hf_text import (
     no_remote_code,
     remote_code,
 )
-from .images import Pipeline
+from .images import Pipeline, PipelineImages
 from .lora import LoraOptions, apply_lora, merge_lora
 
 #: 'cls': the class token; 'mean': mean of the patch tokens (class/distillation/register
@@ -96,7 +95,7 @@ def pipeline_of(processor: Any) -> Pipeline:
     )
 
 
-class HFVision(nn.Module):
+class HFVision(PipelineImages, nn.Module):
     Options = HFVisionOptions
     modality = "image"
 
@@ -152,19 +151,6 @@ class HFVision(nn.Module):
             raise ValueError(f"{type(self.model).__name__} has no class token: use pooling = "
                              "'mean' or 'pooler'")
         return int(hidden.shape[-1])
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.pipeline.output_size
-
-    def preprocess(self, image: Image.Image | Tensor) -> Tensor:
-        return self.pipeline(image)
-
-    def preprocess_uint8(self, image: Image.Image | Tensor) -> Tensor:
-        return self.pipeline.geometry(image)
-
-    def normalize(self, pixels: Tensor) -> Tensor:
-        return self.pipeline.finish(pixels)
 
     def forward(self, pixels: Tensor) -> Tensor:
         out = self.model(pixel_values=pixels)

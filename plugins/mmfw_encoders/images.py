@@ -110,3 +110,25 @@ class Pipeline:
         if self.crop is not None and tuple(x.shape[-2:]) != self.crop:
             x = TF.center_crop(x, list(self.crop))
         return x
+
+
+class PipelineImages:
+    """The image side of an encoder whose ``pipeline`` is a :class:`Pipeline` (an image
+    processor's values): ``preprocess``, and its uint8 split, ``preprocess_uint8`` in the
+    loader and ``normalize`` on the device (the ``Uint8Vision`` capability)."""
+
+    pipeline: Pipeline
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.pipeline.output_size
+
+    def preprocess(self, image: Image.Image | Tensor) -> Tensor:
+        return self.pipeline(image)
+
+    def preprocess_uint8(self, image: Image.Image | Tensor) -> Tensor:
+        return self.pipeline.geometry(image)
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        return self.pipeline.finish(pixels)
+

@@ -27,7 +27,7 @@ import torch
 
 import mmfw
 
-from .towers import logit_scale, option, projection, refusal
+from .towers import MappedExporter, logit_scale, option, projection
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -96,18 +96,11 @@ def cls_pooler_config(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
-class HFExporter:
+class HFExporter(MappedExporter):
     """``mmfw export RUN --format hf``."""
 
-    Options = None
     name = "hf"
-
-    def __init__(self, options: None = None) -> None:
-        pass
-
-    def refuse(self, run: mmfw.LoadedRun) -> str | None:
-        found = mismatch(run)
-        return None if found is None else refusal(self.name, *found, run)
+    mismatch = staticmethod(mismatch)
 
     def export(self, run: mmfw.LoadedRun, output: Path) -> Path:
         from transformers import (
@@ -117,9 +110,7 @@ class HFExporter:
             VisionTextDualEncoderProcessor,
         )
 
-        reason = self.refuse(run)
-        if reason is not None:
-            raise mmfw.MmfwError(reason)
+        self.check(run)
         m = run.model
         vision_state = dict(m.vision.model.state_dict())
         vision_config = m.vision.model.config

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 import mmfw
 
-from .towers import image_preprocessing, logit_scale, option, refusal
+from .towers import MappedExporter, image_preprocessing, logit_scale, option
 
 #: ONNX opset of the graphs (onnxruntime >= 1.14 runs it)
 OPSET = 17
@@ -109,23 +109,14 @@ def export_graph(module: nn.Module, inputs: tuple[Tensor, ...], names: list[str]
                              f"{type(module.encoder).__name__}: {err}") from err
 
 
-class OnnxExporter:
+class OnnxExporter(MappedExporter):
     """``mmfw export RUN --format onnx``."""
 
-    Options = None
     name = "onnx"
-
-    def __init__(self, options: None = None) -> None:
-        pass
-
-    def refuse(self, run: mmfw.LoadedRun) -> str | None:
-        found = mismatch(run)
-        return None if found is None else refusal(self.name, *found, run)
+    mismatch = staticmethod(mismatch)
 
     def export(self, run: mmfw.LoadedRun, output: Path) -> Path:
-        reason = self.refuse(run)
-        if reason is not None:
-            raise mmfw.MmfwError(reason)
+        self.check(run)
         m = run.model
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)

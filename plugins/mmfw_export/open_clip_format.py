@@ -34,7 +34,7 @@ from torch import nn
 
 import mmfw
 
-from .towers import image_preprocessing, logit_scale, option, projection, refusal
+from .towers import MappedExporter, image_preprocessing, logit_scale, option, projection
 
 #: mmfw text pooling -> open_clip's ``hf_pooler_type``
 POOLERS = {"pooler": "cls_pooler", "cls": "cls_last_hidden_state_pooler",
@@ -148,25 +148,16 @@ def state_dict(run: mmfw.LoadedRun, scale: float) -> dict[str, torch.Tensor]:
     return state
 
 
-class OpenClipExporter:
+class OpenClipExporter(MappedExporter):
     """``mmfw export RUN --format open_clip``."""
 
-    Options = None
     name = "open_clip"
-
-    def __init__(self, options: None = None) -> None:
-        pass
-
-    def refuse(self, run: mmfw.LoadedRun) -> str | None:
-        found = mismatch(run)
-        return None if found is None else refusal(self.name, *found, run)
+    mismatch = staticmethod(mismatch)
 
     def export(self, run: mmfw.LoadedRun, output: Path) -> Path:
         from open_clip import CustomTextCLIP
 
-        reason = self.refuse(run)
-        if reason is not None:
-            raise mmfw.MmfwError(reason)
+        self.check(run)
         m = run.model
         output = Path(output).resolve()
         vision_dir, text_dir = output / "vision", output / "text"

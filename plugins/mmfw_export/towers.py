@@ -8,6 +8,7 @@ formats that would take the run (:func:`refusal`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,29 @@ def image_preprocessing(vision: nn.Module) -> dict[str, Any]:
     raise mmfw.MmfwError(f"cannot read the preprocessing of image encoder "
                          f"{type(vision).__name__} (no pipeline, timm data_config or "
                          "image_size/mean/std)")
+
+
+class MappedExporter:
+    """A format that holds a run only where it maps exactly. A subclass names the format
+    (``name``) and says what does not map (``mismatch(run)``: ``(part, why)`` or None);
+    refusing, and checking before writing, are the same for every such format."""
+
+    Options = None
+    name = ""
+    mismatch: Callable[[mmfw.LoadedRun], tuple[str, str] | None]
+
+    def __init__(self, options: None = None) -> None:
+        pass
+
+    def refuse(self, run: mmfw.LoadedRun) -> str | None:
+        found = self.mismatch(run)
+        return None if found is None else refusal(self.name, *found, run)
+
+    def check(self, run: mmfw.LoadedRun) -> None:
+        """Raise the refusal, for ``export`` called without ``refuse`` first."""
+        reason = self.refuse(run)
+        if reason is not None:
+            raise mmfw.MmfwError(reason)
 
 
 def refusal(fmt: str, part: str, why: str, run: mmfw.LoadedRun) -> str:

@@ -204,10 +204,11 @@ class Trainer:
                     stop = ctx.stop_reason or ("max_steps" if p.step >= self.total_steps else
                                                "max_minutes" if out_of_time else
                                                "preempted" if preempted else None)
-                    if self.world.distributed and clock is None:  # rank 0 decides for all
-                        stop = self.strategy.agree(stop)
-                    elif self.world.distributed:  # and every rank follows its schedule clock
-                        stop, clock.position = self.strategy.agree((stop, clock.position))
+                    if self.world.distributed:  # rank 0 decides for all, and its schedule
+                        if clock is None:  # clock sets every rank's position
+                            stop = self.strategy.agree(stop)
+                        else:
+                            stop, clock.position = self.strategy.agree((stop, clock.position))
                     if stop:
                         break
                     waited = time.perf_counter()
