@@ -10,9 +10,12 @@ point, and both are evaluated on its test split with mmfw's Recall@K (Karpathy c
   final evaluation included: ``schedule.fit_budget``).
 - **open_clip**: ``python -m open_clip_train.main`` (run by a two-line launcher that registers
   the model config with ``open_clip.add_model_config``, then calls its ``main``), its CSV loader
-  with every caption as a row, its cosine schedule, and as many epochs as fit the budget: one
-  epoch is timed first (outside the budget) and the epoch count is the budget over that
-  time. Its last checkpoint is loaded by ``open_clip.create_model_and_transforms`` and its
+  with every caption as a row, its cosine schedule, and as many epochs as fit the budget:
+  runs of 1 and 2 epochs in each of ``--open-clip-precision`` (fp32 and amp_bf16) time its
+  epoch and its fixed cost first (outside every budget); it trains in the faster precision
+  (its best on the machine) for as many epochs as fit in the seconds mmfw's whole process
+  took (start-up and mmfw's final evaluation included; open_clip's evaluation is outside).
+  Its last checkpoint is loaded by ``open_clip.create_model_and_transforms`` and its
   test embeddings come from its own preprocessing and tokenizer (CLIP's BPE, context 32).
 
 Each seed runs the two sides one after the other (never at once) and the ratio of test rsums
@@ -41,8 +44,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "small_real.toml"
-MODEL = "mmfw-dev-quickstart-shape"
-
 #: open_clip's model config of the quickstart shape (open_clip's own config format)
 OPEN_CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
@@ -51,6 +52,32 @@ OPEN_CLIP_CONFIG: dict[str, Any] = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4,
                  "layers": 3, "mlp_ratio": 4.0},
 }
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def open_clip_variant(name: str) -> tuple[dict[str, Any], list[str]]:
+    """open_clip's model config and extra arguments of a ``--open-clip`` variant.
+
+    ``quickstart-shape``: the towers above, from scratch. ``minilm-locked``: the same vision
+    tower with the MiniLM-L6 text tower mmfw loads (the same local copy, through open_clip's
+    ``HFTextEncoder``: mean pooling, a linear projection), frozen by open_clip's own
+    ``--lock-text``, as mmfw's ``minilm-locked`` recipes freeze it.
+    """
+    if name == "quickstart-shape":
+        return OPEN_CLIP_CONFIG, []
+    if name == "minilm-locked":
+        from mmfw_encoders.hub import resolve
+
+        path = resolve(MINILM, "hf-text").location
+        text = {"hf_model_name": path, "hf_tokenizer_name": path, "hf_proj_type": "linear",
+                "hf_pooler_type": "mean_pooler", "context_length": 32}
+        return {**OPEN_CLIP_CONFIG, "text_cfg": text}, ["--lock-text"]
+    raise SystemExit(f"unknown --open-clip variant {name!r}: quickstart-shape, minilm-locked")
+
+
+def model_name(variant: str) -> str:
+    return f"mmfw-dev-{variant}"
+
 
 LAUNCHER = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
             "from open_clip_train.main import main; main(sys.argv[2:])")
@@ -86,8 +113,8 @@ def run_mmfw(data: Path, minutes: float, seed: int, out: Path, threads: int,
 
 # ---- open_clip -------------------------------------------------------------------------------
 
-def open_clip_files(data: Path, work: Path) -> tuple[Path, Path]:
-    """The CSV of the train split (a row per caption) and the model config file."""
+def open_clip_files(data: Path, work: Path, variant: str) -> tuple[Path, Path]:
+    """The CSV of the train split (a row per caption) and the variant's model config file."""
     rows = [(str(data / "images" / r["filename"]), s["raw"]) for r in karpathy(data)
             if r["split"] == "train" for s in r["sentences"]]
     table = work / "train.csv"
@@ -95,52 +122,75 @@ def open_clip_files(data: Path, work: Path) -> tuple[Path, Path]:
         w = csv.writer(f)
         w.writerow(["filepath", "title"])
         w.writerows(rows)
-    config = work / f"{MODEL}.json"
-    config.write_text(json.dumps(OPEN_CLIP_CONFIG))
+    config = work / f"{model_name(variant)}.json"
+    config.write_text(json.dumps(open_clip_variant(variant)[0]))
     return table, config
 
 
-def open_clip_command(table: Path, config: Path, logs: Path, name: str, epochs: int,
-                      seed: int, threads: int) -> list[str]:
+def open_clip_command(variant: str, table: Path, config: Path, logs: Path, name: str,
+                      epochs: int, seed: int, threads: int, precision: str) -> list[str]:
     # the quickstart's optimisation: AdamW lr 1e-3, wd 0.1, 100 warm-up steps, batch 128
     return [sys.executable, "-c", LAUNCHER, str(config),
             "--train-data", str(table), "--dataset-type", "csv", "--csv-separator", ",",
             "--csv-img-key", "filepath", "--csv-caption-key", "title",
-            "--model", MODEL, "--batch-size", "128", "--epochs", str(epochs),
-            "--lr", "1e-3", "--wd", "0.1", "--warmup", "100", "--precision", "fp32",
+            "--model", model_name(variant), "--batch-size", "128", "--epochs", str(epochs),
+            "--lr", "1e-3", "--wd", "0.1", "--warmup", "100", "--precision", precision,
             "--workers", str(max(threads - 1, 0)), "--seed", str(seed), "--device", "cpu",
             "--logs", str(logs), "--name", name, "--save-frequency", "1",
-            "--log-every-n-steps", "50", "--report-to", ""]
+            "--log-every-n-steps", "50", "--report-to", "", *open_clip_variant(variant)[1]]
 
 
-def run_open_clip(data: Path, minutes: float, seed: int, work: Path, threads: int
-                  ) -> dict[str, Any]:
-    table, config = open_clip_files(data, work)
-    # one epoch timed first (not counted in the budget) to fit the epoch count to it
-    calib = open_clip_command(table, config, work / "logs", f"calibrate-{seed}", 1, seed,
-                              threads)
-    t0 = time.perf_counter()
-    proc = subprocess.run(calib, capture_output=True, text=True, env=env(threads), check=False)
-    epoch_s = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"open_clip failed:\n{proc.stderr[-3000:]}")
-    epochs = max(1, int(minutes * 60 // epoch_s))
-    name = f"open_clip-seed{seed}"
-    cmd = open_clip_command(table, config, work / "logs", name, epochs, seed, threads)
+def calibrate_open_clip(data: Path, work: Path, variant: str, threads: int,
+                        precisions: list[str]) -> dict[str, Any]:
+    """open_clip's seconds per epoch in each precision (a 1-epoch run each), and for the
+    fastest its fixed cost (start-up, checkpoints) from a 2-epoch run; outside every budget."""
+    table, config = open_clip_files(data, work, variant)
+
+    def took(precision: str, epochs: int) -> float:
+        cmd = open_clip_command(variant, table, config, work / "logs",
+                                f"calibrate-{variant}-{precision}-{epochs}", epochs, 0,
+                                threads, precision)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env(threads),
+                              check=False)
+        if proc.returncode:
+            raise SystemExit(f"open_clip failed:\n{proc.stderr[-3000:]}")
+        return time.perf_counter() - t0
+
+    one = {p: took(p, 1) for p in precisions}
+    precision = min(one, key=one.__getitem__)
+    epoch = max(took(precision, 2) - one[precision], 1e-3)
+    out = {"precision": precision, "one_epoch_run_s": {p: round(t, 1) for p, t in one.items()},
+           "epoch_s": round(epoch, 1), "fixed_s": round(max(one[precision] - epoch, 0.0), 1)}
+    print(f"open_clip {variant}: {out}", flush=True)
+    return out
+
+
+def run_open_clip(data: Path, variant: str, wall_s: float, seed: int, work: Path,
+                  threads: int, calibration: dict[str, Any]) -> dict[str, Any]:
+    """open_clip in its faster precision, with as many epochs as fit in ``wall_s`` (the
+    seconds mmfw's whole process took, start-up and final evaluation included; open_clip's
+    evaluation here is outside its time)."""
+    table, config = open_clip_files(data, work, variant)
+    precision, c = calibration["precision"], calibration
+    epochs = max(1, int((wall_s - c["fixed_s"]) // c["epoch_s"]))
+    name = f"open_clip-{variant}-seed{seed}"
+    cmd = open_clip_command(variant, table, config, work / "logs", name, epochs, seed,
+                            threads, precision)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(threads), check=False)
     seconds = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"open_clip failed:\n{proc.stderr[-3000:]}")
     checkpoint = work / "logs" / name / "checkpoints" / f"epoch_{epochs}.pt"
-    metrics = evaluate_open_clip(data, config, checkpoint)
+    metrics = evaluate_open_clip(data, variant, config, checkpoint)
     return {"command": " ".join([*cmd[:2], "<launcher>", *cmd[3:]]), "epochs": epochs,
-            "epoch_seconds": round(epoch_s, 1), "seconds": round(seconds, 1),
-            "metrics": metrics}
+            "precision": precision, "seconds": round(seconds, 1), "metrics": metrics}
 
 
 @torch.no_grad()
-def evaluate_open_clip(data: Path, config: Path, checkpoint: Path) -> dict[str, float]:
+def evaluate_open_clip(data: Path, variant: str, config: Path, checkpoint: Path
+                       ) -> dict[str, float]:
     """open_clip's checkpoint loaded by open_clip, embedded with its preprocessing and
     tokenizer; Recall@K by mmfw's Karpathy convention."""
     import open_clip
@@ -149,9 +199,9 @@ def evaluate_open_clip(data: Path, config: Path, checkpoint: Path) -> dict[str, 
     from mmfw.eval.retrieval import recall_at_k
 
     open_clip.add_model_config(config)
-    model, _, preprocess = open_clip.create_model_and_transforms(MODEL,
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name(variant),
                                                                  pretrained=str(checkpoint))
-    tokenizer = open_clip.get_tokenizer(MODEL)
+    tokenizer = open_clip.get_tokenizer(model_name(variant))
     model.eval()
     test = [r for r in karpathy(data) if r["split"] == "test"]
     images, texts, owner = [], [], []
@@ -175,6 +225,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mmfw-set", nargs="*", default=[], help="extra --set for mmfw")
+    ap.add_argument("--open-clip-precision", nargs="+", default=["fp32", "amp_bf16"],
+                    help="open_clip's --precision candidates: each is timed for one epoch "
+                         "and open_clip trains in the fastest (its best on this machine)")
+    ap.add_argument("--open-clip", nargs="+", default=["quickstart-shape"],
+                    help="open_clip variants: quickstart-shape (the towers from scratch), "
+                         "minilm-locked (its HF text tower on the same MiniLM, --lock-text)")
+    ap.add_argument("--open-clip-seeds", type=int, nargs="*",
+                    help="seeds the open_clip variants after the first run on (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results"
                     / "quality_vs_open_clip.json")
     a = ap.parse_args()
@@ -184,24 +242,39 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
+        calibration = {v: calibrate_open_clip(a.data, Path(tmp), v, a.threads,
+                                              a.open_clip_precision) for v in a.open_clip}
         for seed in a.seeds:
             work = Path(tmp) / f"seed{seed}"
             work.mkdir()
             m = run_mmfw(a.data, a.minutes, seed, work / "runs", a.threads, a.mmfw_set)
-            o = run_open_clip(a.data, a.minutes, seed, work, a.threads)
-            ratio = m["metrics"]["rsum"] / o["metrics"]["rsum"]
-            print(f"seed {seed}: mmfw test rsum {m['metrics']['rsum']:.1f} ({m['seconds']:.0f}"
-                  f" s), open_clip {o['metrics']['rsum']:.1f} ({o['epochs']} epochs, "
-                  f"{o['seconds']:.0f} s): {ratio:.2f}x", flush=True)
-            runs.append({"seed": seed, "mmfw": m, "open_clip": o, "ratio": ratio})
-    ratios = [r["ratio"] for r in runs]
-    spread = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
-    print(f"\nmmfw/open_clip test rsum at {a.minutes:g} minutes: "
-          f"{statistics.mean(ratios):.2f}x (seed-to-seed sd {spread:.2f}, "
-          f"{len(ratios)} seeds)")
+            run: dict[str, Any] = {"seed": seed, "mmfw": m, "open_clip": {}, "ratio": {}}
+            for k, variant in enumerate(a.open_clip):
+                if k and a.open_clip_seeds is not None and seed not in a.open_clip_seeds:
+                    continue
+                o = run_open_clip(a.data, variant, m["seconds"], seed, work, a.threads,
+                                  calibration[variant])
+                ratio = m["metrics"]["rsum"] / o["metrics"]["rsum"]
+                print(f"seed {seed}: mmfw test rsum {m['metrics']['rsum']:.1f} "
+                      f"({m['seconds']:.0f} s), open_clip {variant} {o['metrics']['rsum']:.1f} "
+                      f"({o['epochs']} epochs, {o['precision']}, {o['seconds']:.0f} s): "
+                      f"{ratio:.2f}x", flush=True)
+                run["open_clip"][variant], run["ratio"][variant] = o, ratio
+            runs.append(run)
+    summary = {}
+    for variant in a.open_clip:
+        ratios = [r["ratio"][variant] for r in runs if variant in r["ratio"]]
+        spread = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+        summary[variant] = {"mean_ratio": statistics.mean(ratios), "sd": spread,
+                            "min": min(ratios), "max": max(ratios), "seeds": len(ratios)}
+        print(f"\nmmfw/open_clip ({variant}) test rsum at {a.minutes:g} minutes: "
+              f"{statistics.mean(ratios):.2f}x (seed-to-seed sd {spread:.2f}, range "
+              f"{min(ratios):.2f}..{max(ratios):.2f}, {len(ratios)} seeds)")
     record.write(a.out, record.new_result(minutes=a.minutes, data=str(a.data),
-                                          recipe=str(RECIPE.relative_to(ROOT)), runs=runs,
-                                          mean_ratio=statistics.mean(ratios), sd=spread))
+                                          recipe=str(RECIPE.relative_to(ROOT)),
+                                          mmfw_set=a.mmfw_set, runs=runs,
+                                          open_clip_calibration=calibration,
+                                          summary=summary))
 
 
 if __name__ == "__main__":

@@ -279,9 +279,10 @@ def vit_bert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     words = sorted({w for c in CAPTIONS for w in c.split()} | {"one"})
     chars = sorted({ch for w in words for ch in w})
     vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars,
-                                *(f"##{c}" for c in chars), *words]) + "\n")
-    tok = tf.BertTokenizerFast(vocab_file=str(vocab))
+    vocab.write_text("\n".join(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                              *chars, *(f"##{c}" for c in chars), *words]))
+                     + "\n")  # one line a token: ids are line numbers
+    tok = tf.BertTokenizerFast(vocab=str(vocab))
     torch.manual_seed(2)
     tf.BertModel(tf.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
                                num_attention_heads=2, intermediate_size=64,

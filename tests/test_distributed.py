@@ -482,7 +482,7 @@ def _tiny_bert(folder: Path) -> Path:
     vocab = folder / "vocab.txt"
     folder.mkdir(parents=True, exist_ok=True)
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tok = tf.BertTokenizerFast(vocab_file=str(vocab))
+    tok = tf.BertTokenizerFast(vocab=str(vocab))
     torch.manual_seed(0)
     tf.BertModel(tf.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
                                num_attention_heads=2, intermediate_size=64,

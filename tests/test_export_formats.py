@@ -54,7 +54,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, mmfw.LoadedRun]:
     """Three trained runs: ``hf`` (ViT + BERT), ``timm`` (timm ViT + BERT), ``scratch``."""
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
-    tok = tf.BertTokenizerFast(vocab_file=str(_vocab(root / "vocab.txt")))
+    tok = tf.BertTokenizerFast(vocab=str(_vocab(root / "vocab.txt")))
     bert = tf.BertModel(tf.BertConfig(vocab_size=len(tok), hidden_size=WIDTH,
                                       num_hidden_layers=1, num_attention_heads=2,
                                       intermediate_size=64, max_position_embeddings=64))

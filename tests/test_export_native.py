@@ -32,7 +32,7 @@ def hf_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
              *WORDS]
     models.mkdir()
     (models / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    tok = tf.BertTokenizerFast(vocab_file=str(models / "vocab.txt"))
+    tok = tf.BertTokenizerFast(vocab=str(models / "vocab.txt"))
     torch.manual_seed(0)
     tf.AutoModel.from_config(tf.BertConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,

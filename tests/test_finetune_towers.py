@@ -45,7 +45,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars),
              *WORDS]
     (root / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
-    tok = tf.BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    tok = tf.BertTokenizerFast(vocab=str(root / "vocab.txt"))
     torch.manual_seed(0)
     bert = tf.AutoModel.from_config(tf.BertConfig(
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -231,7 +231,7 @@ def test_pretrained_encoders_expose_token_features(tmp_path) -> None:
     bert = tmp_path / "bert"
     tf.BertModel(tf.BertConfig(vocab_size=10, hidden_size=32, num_hidden_layers=1,
                                num_attention_heads=2, intermediate_size=64)).save_pretrained(bert)
-    tf.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(bert)
+    tf.BertTokenizerFast(vocab=str(vocab)).save_pretrained(bert)
     vit = tmp_path / "vit"
     tf.ViTModel(tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                              intermediate_size=64, image_size=32, patch_size=8),

@@ -111,7 +111,7 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Folders written by save_pretrained: tiny random models with tokenizers / processors."""
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    wordpiece = tf.BertTokenizerFast(vocab_file=str(_wordpiece_vocab(root / "vocab.txt")))
+    wordpiece = tf.BertTokenizerFast(vocab=str(_wordpiece_vocab(root / "vocab.txt")))
     out = {}
     for kind in TEXT_MODELS:
         tok = _bpe_tokenizer() if kind == "roberta" else wordpiece

@@ -121,9 +121,10 @@ def tiny_hub(tmp_path_factory, flickr: Path) -> dict[str, Path]:
                     for s in img["sentences"] for w in s["raw"].lower().split()})
     vocab = root / "vocab.txt"
     chars = sorted({c for w in words for c in w})
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars,
-                                *(f"##{c}" for c in chars), *words]) + "\n")
-    tok = tf.BertTokenizerFast(vocab_file=str(vocab))
+    vocab.write_text("\n".join(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                              *chars, *(f"##{c}" for c in chars), *words]))
+                     + "\n")  # one line a token: ids are line numbers
+    tok = tf.BertTokenizerFast(vocab=str(vocab))
     text = tf.BertModel(tf.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, intermediate_size=64,
                                       max_position_embeddings=64))

@@ -316,6 +316,19 @@ def test_override_can_switch_plugin_and_add_sections(write_recipe) -> None:
     assert r.model.adapter.name == "identity"
 
 
+def test_an_inline_table_override_replaces_the_table(write_recipe) -> None:
+    path = write_recipe(TINY)
+    # TINY's text tower sets scratch-text options that another plugin would refuse
+    r = mmfw.load_recipe(path, ['model.text={name = "scratch-text", width = 48, depth = 1, '
+                                'heads = 2}'])
+    assert r.model.text.options.width == 48
+    assert r.model.text.options.depth == 1
+    # the table's other keys are gone: the plugin's defaults stand in for them
+    assert "vocab_size" not in r.model.text.given
+    err = _error(path, ['model.text={name = "scratch-text", widht = 48}'])
+    assert err.key == "model.text.widht"
+
+
 @pytest.mark.parametrize("bad", ["runepochs3", "=3", "run..epochs=3", "run.=3"])
 def test_malformed_override(write_recipe, bad) -> None:
     path = write_recipe(TINY)

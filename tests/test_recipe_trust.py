@@ -220,7 +220,7 @@ def test_trust_remote_code_allowed_reaches_transformers(tmp_path: Path,
     folder = tmp_path / "tiny-bert"
     (tmp_path / "vocab.txt").write_text("\n".join(
         ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle"]), encoding="utf-8")
-    tf.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    tf.BertTokenizerFast(vocab=str(tmp_path / "vocab.txt")).save_pretrained(folder)
     config = tf.BertConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1,
                            num_attention_heads=2, intermediate_size=32,
                            max_position_embeddings=32)

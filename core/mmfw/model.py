@@ -12,6 +12,7 @@ from .config.recipe import ModelConfig
 from .registry import create
 from .spi.capabilities import check
 from .spi.contracts import asset_dir
+from .spi.features import FeatureTable
 
 
 class DualEncoder(nn.Module):
@@ -28,6 +29,14 @@ class DualEncoder(nn.Module):
         self.vision_adapter, self.text_adapter = vision_adapter, text_adapter
         #: ``[model.fusion]``: an image–text matching head over token features, or None
         self.fusion = fusion
+        #: a locked text tower's outputs for known captions (``[model.lock_text]``), or None
+        self.text_table: FeatureTable | None = None
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        super().train(mode)
+        if self.text_table is not None:  # a locked tower is deterministic: its table's
+            self.text.eval()              # outputs are what it gives for a new caption
+        return self
 
     @property
     def embed_dim(self) -> int:
@@ -44,6 +53,8 @@ class DualEncoder(nn.Module):
         return self.vision_adapter(self.vision(pixels))
 
     def encode_text(self, tokens: dict[str, Tensor]) -> Tensor:
+        if self.text_table is not None:
+            return self.text_adapter(self.text_table.features(self.text, tokens))
         return self.text_adapter(self.text(tokens))
 
     def forward(self, pixels: Tensor, tokens: dict[str, Tensor], with_tokens: bool = False

@@ -1,6 +1,7 @@
 """The built-in callbacks, registered through the ``mmfw`` entry-point group like any other
 plugin: metrics log, console, diagnostics and the collapse detector, validation, early
-stopping, the final evaluation, plots, the distillation teacher and the EMA of the weights."""
+stopping, the final evaluation, plots, the distillation teacher, the EMA of the weights and
+the locked text tower."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from mmfw.spi import Factories, hookimpl
 from .diagnostics import diagnostics_callback
 from .ema import ema
 from .evaluation import early_stopping, final_evaluation, validation
+from .locked_text import lock_text
 from .log import console, metrics_log
 from .plots import plots
 from .teacher import teacher_callback
@@ -26,4 +28,5 @@ def mmfw_callbacks() -> Factories:
         "plots": plots,
         "teacher": teacher_callback,
         "ema": ema,
+        "lock-text": lock_text,
     }

@@ -446,7 +446,10 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
                 raise RecipeError("cannot set a key inside a value that is not a table",
                                   key=".".join(parts[: i + 1]), given=nxt)
             node = nxt
-        node[parts[-1]] = value
+        table = value.parsed() if value.startswith("{") else None
+        # an inline table replaces the whole table (another plugin's options with its name),
+        # where a dotted key only changes one option of it
+        node[parts[-1]] = table if isinstance(table, dict) else value
     return data
 
 

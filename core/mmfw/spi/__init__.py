@@ -7,7 +7,8 @@
 - options and errors: :func:`option` (attrs fields with a doc), :class:`RecipeError`, ...;
 - loss helpers: :mod:`~mmfw.spi.pairing` (the id pairing rule as masks),
   :class:`Temperature`, :mod:`~mmfw.spi.contrastive` (soft-target cross-entropy, the
-  excluded logit, the temperature options).
+  excluded logit, the temperature options);
+- :class:`FeatureTable`: a locked tower's outputs by input (``[model.lock_text]``).
 
 Built-in plugins import only this package and the public ``mmfw`` API, like any other.
 """
@@ -40,6 +41,7 @@ from .contrastive import (
     temperature_option,
 )
 from .errors import DataError, MmfwError, PluginError, RecipeError, ResumeError
+from .features import FeatureTable
 from .hookspecs import EVENTS, Callback, Factories, hookimpl
 from .options import Override, build, close_matches, describe, option
 from .pairing import anchor_share, match_ids, pair_indices, positives
@@ -56,6 +58,7 @@ __all__ = [
     "DatasetSource",
     "Encoder",
     "Factories",
+    "FeatureTable",
     "Item",
     "Loss",
     "LossOutput",
