@@ -1,50 +1,75 @@
-"""Training samples/s of mmfw and open_clip on the same model, data and precision (not a test).
+"""Training throughput of mmfw against open_clip, three labelled regimes (not a test).
 
-Both sides train the same ViT + text transformer (width, depth, heads, MLP ratio, patch size,
-image size, context length, vocabulary, embedding width) on the same pre-rendered batches of
-mmfw's ``synthetic`` dataset, in one process, measured in alternating rounds after a warm-up so
-background load hits both alike. Peak memory is measured per side in a fresh subprocess.
+Both sides train the same ViT + text transformer on the same pre-built batches (mmfw's
+``synthetic`` dataset, rendered once by mmfw's own ``Collate`` and tokenizer), each through its
+own training loop, each measurement in its own fresh process:
 
-mmfw side: the model comes from a recipe dict through ``mmfw.train.loop.Trainer`` (scratch-vision,
-scratch-text, linear adapters, infonce, the engine's AdamW) and each step is the engine's own
-``Trainer.run_step``. open_clip side: ``open_clip.CLIP`` with matching
-``CLIPVisionCfg`` / ``CLIPTextCfg``, ``open_clip.loss.ClipLoss``, AdamW with open_clip_train's
-parameter groups, and open_clip_train's step (``train_one_epoch``, accum_freq 1): scheduler,
-zero_grad, autocast forward + loss, backward, optimizer step, logit-scale clamp.
+- **mmfw**: ``Trainer.fit`` of a recipe (scratch-vision, scratch-text, linear adapters,
+  infonce, the engine's fused AdamW, its callbacks and metrics rows), its ``loader`` replaced
+  by the batch source below.
+- **open_clip**: ``open_clip_train.train.train_one_epoch`` with ``args`` from
+  ``open_clip_train.params.parse_args``, the model from ``open_clip.create_model_and_transforms``
+  (the config registered by ``open_clip.add_model_config``), ``open_clip.create_loss``,
+  ``open_clip_train.scheduler.cosine_lr`` and ``open_clip_train.main``'s AdamW parameter groups,
+  over a ``data['train'] = DataInfo(dataloader=...)`` of the same batches.
 
-``--variant`` adds a third side in the same rounds: mmfw with a change applied on top of the
-shipped plugins (a recipe setting, a module transform or different inputs), so a change's gain
-is measured against shipped mmfw under the same load.
+**Step time** is the time between consecutive batch requests of the training loop (the batch
+source timestamps each request, after a device sync on CUDA): one step's forward, backward,
+optimizer, scheduler and whatever logging the loop does at that step, on both sides alike.
 
-    python benchmarks/train_throughput.py --threads 1
-    python benchmarks/train_throughput.py --threads 1 --precision bf16
-    python benchmarks/train_throughput.py --threads 1 --variant longest
-    python benchmarks/train_throughput.py --threads 1 --profile --precision bf16 --variant sdpa-auto
+Regimes (each its own ratio; mmfw/open_clip of samples/s, geometric mean of the per-pair
+ratios with a bootstrap 95% CI over the pairs):
+
+- **A, same work**: both fed identical token tensors padded to the context length; mmfw's
+  ``scratch-text`` with ``unpad = false``; the same SDPA kernel on both (under CPU bf16 mmfw's
+  backend picks the math kernel, so open_clip's loop runs inside the same
+  ``sdpa_kernel(MATH)``; the attention operators that ran are listed from torch.profiler);
+  fused AdamW on both; the same threads.
+- **B, each at its best**: open_clip with ``context_length`` = the longest caption of the data
+  (exact with its causal mask and end-of-text pooling), fused AdamW, its faster block type
+  (``--oc-block auto``: ``default`` and ``custom`` probed first); mmfw as shipped (unpadded,
+  tokens padded to each batch's longest caption, as its tokenizer does).
+- **C, out of the box**: open_clip at its configured context and open_clip_train's AdamW
+  (torch's default implementation), its default block; mmfw as shipped.
+
+Order: pairs of one mmfw and one open_clip process, alternating ABBA (mmfw first in even pairs,
+open_clip first in odd ones), the regimes interleaved within each pair round so load drift
+hits all of them. ``--mmfw-set key=value`` applies recipe settings to the mmfw side in every
+regime (ablations), after the regime's own.
+
+    python benchmarks/train_throughput.py --shape quickstart --threads 2
+    python benchmarks/train_throughput.py --shape vit-b32 --threads 2
+    python benchmarks/train_throughput.py --shape quickstart --threads 2 --precision bf16
+    python benchmarks/train_throughput.py --device cuda --precision bf16 --shape vit-b32
+    python benchmarks/train_throughput.py --quick            # smoke run, not protocol-grade
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
 import json
 import math
+import os
 import random
-import statistics
+import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import flops  # benchmarks/flops.py
 import record  # benchmarks/record.py
 import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 LR, WD, BETAS, EPS, WARMUP = 5e-4, 0.1, (0.9, 0.98), 1e-6, 100
+OC_MODEL = "mmfw-bench-shape"  # the name the open_clip config is registered under
 
 
 @dataclass(frozen=True)
@@ -53,322 +78,182 @@ class Shape:
 
     image_size: int
     patch_size: int
-    width: int
-    heads: int
-    mlp_ratio: float
+    vision_width: int
+    vision_heads: int
     vision_depth: int
+    text_width: int
+    text_heads: int
     text_depth: int
+    mlp_ratio: float
     context_length: int
     vocab_size: int
     embed_dim: int
 
 
-def shape_of(a: argparse.Namespace) -> Shape:
-    return Shape(a.image_size, a.patch_size, a.width, a.heads, a.mlp_ratio, a.vision_depth,
-                 a.text_depth, a.context_length, a.vocab_size, a.embed_dim)
+SHAPES = {
+    # recipes/quickstart.toml's towers
+    "quickstart": Shape(48, 8, 128, 4, 4, 128, 4, 3, 2.0, 48, 2000, 128),
+    # CLIP ViT-B/32 (Radford et al. 2021, table 20), random init
+    "vit-b32": Shape(224, 32, 768, 12, 12, 512, 8, 12, 4.0, 77, 49408, 512),
+}
+#: per shape: batch on CPU, the protocol's minimum timed steps
+SHAPE_DEFAULTS = {"quickstart": {"batch": 128, "steps": 100},
+                  "vit-b32": {"batch": 32, "steps": 20}}
+MIN_WARMUP, MIN_PAIRS = 20, 5
+
+REGIMES = {"A": "same work", "B": "each at its best", "C": "out of the box"}
+
+
+def regime_settings(regime: str, longest: int, oc_block: str) -> dict[str, Any]:
+    """What each side does differently in a regime (see the module docstring)."""
+    if regime == "A":
+        return {"tokens": "context", "mmfw_sets": ["model.text.unpad=false"],
+                "oc_context": None, "oc_fused": True, "oc_block": "default", "same_sdpa": True}
+    if regime == "B":
+        return {"tokens": "longest", "mmfw_sets": [], "oc_context": longest,
+                "oc_fused": True, "oc_block": oc_block, "same_sdpa": False}
+    return {"tokens": "longest", "mmfw_sets": [], "oc_context": None, "oc_fused": False,
+            "oc_block": "default", "same_sdpa": False}
 
 
 # ------------------------------------------------------------------------------------------
-# mmfw side
-
-VARIANTS = {
-    "longest": "tokens padded to the batch's longest caption: what mmfw's tokenizer does in a "
-               "real run (identical inputs otherwise)",
-    "compile": "torch.compile of the DualEncoder (nn.Module.compile)",
-    "channels-last": "patch-embedding conv and pixels in channels_last",
-    "sdpa-auto": "the cpu backend's sdpa = \"auto\": torch's own attention kernel under bf16 "
-                 "(flash), as before the backend chose the math kernel (bf16 only)",
-    "padded": "scratch-text's unpad = false: norms, projections and MLP on every position, "
-              "padding included (as open_clip and mmfw before unpadding compute them)",
-}
-# Measured here, now in the plugins: text-attn (scratch-text's layers with timm's attention
-# layout, mmfw_encoders/attention.py) and math-sdpa (SDPA's math kernel in the cpu backend's
-# bf16 autocast, its sdpa = "math" default).
+# the two sides' configurations
 
 
-def mmfw_recipe(a: argparse.Namespace, out_dir: str, variants: tuple[str, ...] = ()
-                ) -> dict[str, Any]:
-    s = shape_of(a)
-    if a.device == "cpu":
-        backend = {"name": "cpu", "threads": a.threads, "precision": a.precision}
-        if "sdpa-auto" in variants:
-            backend["sdpa"] = "auto"
+def mmfw_recipe(s: Shape, *, batch: int, device: str, precision: str, threads: int,
+                out_dir: str, train_images: int, max_steps: int = 0) -> dict[str, Any]:
+    if device == "cpu":
+        backend: dict[str, Any] = {"name": "cpu", "threads": threads, "precision": precision}
     else:
-        backend = {"name": "cuda", "precision": a.precision}
+        backend = {"name": "cuda", "precision": precision}
     return {
-        "run": {"name": "bench", "output_dir": out_dir, "seed": 0, "progress": False},
+        "run": {"name": "bench", "output_dir": out_dir, "seed": 0, "progress": False,
+                "epochs": 1, "max_steps": max_steps},
         "backend": backend,
-        "data": {"dataset": "synthetic", "train_images": a.batches * a.batch_size,
-                 "val_images": 0, "test_images": 0, "captions_per_image": 5,
-                 "image_size": s.image_size},
-        "sampler": {"name": "random", "batch_size": a.batch_size},
+        "data": {"dataset": "synthetic", "train_images": train_images, "val_images": 0,
+                 "test_images": 0, "captions_per_image": 5, "image_size": s.image_size},
+        "sampler": {"name": "random", "batch_size": batch},
         "model": {
             "embed_dim": s.embed_dim,
             "vision": {"name": "scratch-vision", "image_size": s.image_size,
-                       "patch_size": s.patch_size, "width": s.width, "depth": s.vision_depth,
-                       "heads": s.heads, "mlp_ratio": s.mlp_ratio, "pooling": "mean"},
+                       "patch_size": s.patch_size, "width": s.vision_width,
+                       "depth": s.vision_depth, "heads": s.vision_heads,
+                       "mlp_ratio": s.mlp_ratio, "pooling": "mean"},
             "text": {"name": "scratch-text", "vocab_size": s.vocab_size,
-                     "max_length": s.context_length, "width": s.width, "depth": s.text_depth,
-                     "heads": s.heads, "mlp_ratio": s.mlp_ratio, "pooling": "mean",
-                     "unpad": "padded" not in variants},
+                     "max_length": s.context_length, "width": s.text_width,
+                     "depth": s.text_depth, "heads": s.text_heads, "mlp_ratio": s.mlp_ratio,
+                     "pooling": "mean"},
             "adapter": {"name": "linear"},
         },
         "loss": {"name": "infonce", "temperature": 0.07, "learn_temperature": True},
-        "optim": {"lr": LR, "weight_decay": WD, "betas": list(BETAS), "eps": EPS,
-                  "grad_clip": a.grad_clip},
+        "optim": {"lr": LR, "weight_decay": WD, "betas": list(BETAS), "eps": EPS},
         "schedule": {"name": "warmup-cosine", "warmup_steps": WARMUP},
-        "eval": {"val_split": ""},
+        "eval": {"val_split": "", "split": ""},
     }
 
 
-def make_trainer(a: argparse.Namespace, out_dir: str, variants: tuple[str, ...] = ()) -> Any:
-    from mmfw.config.recipe import load_recipe
-    from mmfw.train.loop import Trainer
-
-    trainer = Trainer(load_recipe(mmfw_recipe(a, out_dir, variants)), overwrite=True,
-                      console=lambda _msg: None)
-    if "channels-last" in variants:
-        trainer.model.vision.to(memory_format=torch.channels_last)
-    if "compile" in variants:
-        trainer.model.compile()
-    trainer.model.train()
-    trainer.opt.losses.train()  # as Trainer.fit does
-    return trainer
-
-
-class MmfwSide:
-    """A Trainer stepped the way ``Trainer.fit`` steps it (its logging rows aside)."""
-
-    def __init__(self, a: argparse.Namespace, out_dir: str, variants: tuple[str, ...] = ()
-                 ) -> None:
-        self.variants = variants
-        self.name = "mmfw" + "".join(f"+{v}" for v in variants)
-        self.trainer = make_trainer(a, out_dir, variants)
-        self.batches: list[Any] = []
-
-    def feed(self, r: Rendered) -> None:
-        from mmfw.data.batching import Batch
-
-        fmt = torch.channels_last if "channels-last" in self.variants else torch.contiguous_format
-        tokens = r.tokens_longest if "longest" in self.variants else r.tokens_context
-        self.batches = [Batch(p.contiguous(memory_format=fmt), t, i, j) for p, t, i, j in
-                        zip(r.pixels, tokens, r.image_ids, r.text_ids, strict=True)]
-
-    def run_step(self, k: int, clock: PhaseClock | None = None) -> None:
-        self.trainer.run_step(self.batches[k])
-
-    def param_counts(self) -> dict[str, int]:
-        m = self.trainer.model
-        return {"vision": _n(m.vision) + _n(m.vision_adapter),
-                "text": _n(m.text) + _n(m.text_adapter),
-                "loss": _n(self.trainer.opt.losses),
-                "total": _n(m) + _n(self.trainer.opt.losses)}
-
-    def instrument(self, clock: PhaseClock) -> None:
-        """Marks on the engine's real step: hooks on its modules and optimizer, a
-        pass-through wrapper of ``optimizer.zero_grad``, and a callback on the
-        after-backward event (the run's own callbacks, diagnostics among them, still run)."""
-        t = self.trainer
-        m = t.model
-        self._handles = [
-            m.register_forward_pre_hook(lambda *_: clock.mark("to device")),
-            m.vision_adapter.register_forward_hook(lambda *_: clock.mark("forward vision")),
-            m.register_forward_hook(lambda *_: clock.mark("forward text")),
-            t.opt.loss.register_forward_hook(lambda *_: clock.mark("loss")),
-        ]
-        opt = t.opt.optimizer
-        zero_grad = opt.zero_grad
-
-        def zero_grad_marked(set_to_none: bool = True) -> None:
-            zero_grad(set_to_none)
-            clock.mark("zero_grad")
-
-        opt.zero_grad = zero_grad_marked
-
-        class Marker:
-            order = -1000  # before every other callback: the backward just ended
-
-            def on_after_backward(self, ctx: Any, step: int) -> None:
-                clock.mark("backward")
-
-        t.callbacks.add("benchmark-marker", Marker())
-        self._handles += [
-            opt.register_step_pre_hook(lambda *_: clock.mark("diagnostics+clip")),
-            opt.register_step_post_hook(lambda *_: clock.mark("optimizer")),
-        ]
-
-    def uninstrument(self) -> None:
-        for h in self._handles:
-            h.remove()
-        del self.trainer.opt.optimizer.zero_grad  # back to the class's
-        self.trainer.callbacks.remove("benchmark-marker")
+def open_clip_config(s: Shape, pad_id: int, eos_id: int, block: str) -> dict[str, Any]:
+    """open_clip's model config of the shape: mean of patch tokens (mmfw's pooling = "mean"),
+    end-of-text pooling at mmfw's [SEP] (``argmax`` would need CLIP's BPE ids)."""
+    return {
+        "embed_dim": s.embed_dim,
+        "vision_cfg": {"image_size": s.image_size, "layers": s.vision_depth,
+                       "width": s.vision_width, "head_width": s.vision_width // s.vision_heads,
+                       "patch_size": s.patch_size, "mlp_ratio": s.mlp_ratio,
+                       "pool_type": "avg", "block_type": block},
+        "text_cfg": {"context_length": s.context_length, "vocab_size": s.vocab_size,
+                     "width": s.text_width, "heads": s.text_heads, "layers": s.text_depth,
+                     "mlp_ratio": s.mlp_ratio, "pad_id": pad_id, "eos_id": eos_id,
+                     "pool_type": "eos", "block_type": block},
+    }
 
 
-def _n(module: Any) -> int:
+def open_clip_argv(batch: int, precision: str, device: str, grad_clip: float) -> list[str]:
+    """open_clip_train's command line for the run (its own parser turns it into ``args``)."""
+    argv = ["--model", OC_MODEL, "--batch-size", str(batch),
+            "--precision", "amp_bf16" if precision == "bf16" else "fp32", "--device", device,
+            "--lr", str(LR), "--beta1", str(BETAS[0]), "--beta2", str(BETAS[1]),
+            "--eps", str(EPS), "--wd", str(WD), "--warmup", str(WARMUP), "--workers", "0",
+            "--seed", "0", "--report-to", ""]
+    return argv + (["--grad-clip-norm", str(grad_clip)] if grad_clip else [])
+
+
+def open_clip_optimizer(model: torch.nn.Module, args: Any, fused: bool) -> torch.optim.AdamW:
+    """open_clip_train.main's AdamW: no decay on gains, biases and logit_scale (its lambda,
+    copied: main() builds it inline); ``fused`` is the only change (regimes A and B)."""
+    def exclude(n: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
+    named = list(model.named_parameters())
+    gain_or_bias = [p for n, p in named if exclude(n, p) and p.requires_grad]
+    rest = [p for n, p in named if not exclude(n, p) and p.requires_grad]
+    extra = {"fused": True} if fused else {}
+    return torch.optim.AdamW([{"params": gain_or_bias, "weight_decay": 0.0},
+                              {"params": rest, "weight_decay": args.wd}],
+                             lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, **extra)
+
+
+def register_open_clip(s: Shape, pad_id: int, eos_id: int, block: str, folder: Path) -> None:
+    import open_clip
+
+    config = folder / f"{OC_MODEL}.json"
+    config.write_text(json.dumps(open_clip_config(s, pad_id, eos_id, block)))
+    open_clip.add_model_config(config)
+
+
+def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-class OpenClipSide:
-    """open_clip's CLIP, loss, optimizer and step, configured as open_clip_train does."""
-
-    name = "open_clip"
-
-    def __init__(self, a: argparse.Namespace, pad_id: int, eos_id: int) -> None:
-        import open_clip
-        from open_clip.loss import ClipLoss
-        from open_clip_train.precision import get_autocast
-        from open_clip_train.scheduler import cosine_lr
-
-        s = shape_of(a)
-        self.device = torch.device(a.device)
-        vision = open_clip.CLIPVisionCfg(
-            layers=s.vision_depth, width=s.width, head_width=s.width // s.heads,
-            mlp_ratio=s.mlp_ratio, patch_size=s.patch_size, image_size=s.image_size,
-            pool_type="avg")  # mean of patch tokens, as mmfw's pooling = "mean"
-        text = open_clip.CLIPTextCfg(
-            context_length=s.context_length, vocab_size=s.vocab_size, width=s.width,
-            heads=s.heads, layers=s.text_depth, mlp_ratio=s.mlp_ratio, pad_id=pad_id,
-            eos_id=eos_id, pool_type="eos")  # the [SEP] token: argmax needs CLIP's BPE ids
-        # open_clip_train: create_model_and_transforms(..., output_dict=True); amp keeps fp32
-        # weights (cast_dtype None), as does mmfw.
-        self.model = open_clip.CLIP(s.embed_dim, vision, text, output_dict=True).to(self.device)
-        self.model.train()
-        self.loss = ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True,
-                             rank=0, world_size=1)
-        # open_clip_train/main.py: parameter groups and AdamW (default implementation)
-        def exclude(n: str, p: torch.Tensor) -> bool:
-            return (p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n
-                    or "logit_scale" in n)
-
-        named = list(self.model.named_parameters())
-        gain_or_bias = [p for n, p in named if exclude(n, p) and p.requires_grad]
-        rest = [p for n, p in named if not exclude(n, p) and p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": gain_or_bias, "weight_decay": 0.0},
-             {"params": rest, "weight_decay": WD}], lr=LR, betas=BETAS, eps=EPS)
-        self.autocast = get_autocast("amp_bf16" if a.precision == "bf16" else "fp32",
-                                     device_type=self.device.type)
-        self.scaler = None  # open_clip_train uses a GradScaler only for fp16 "amp"
-        self.grad_clip = a.grad_clip or None
-        total = a.warmup + a.rounds * a.steps
-        self.scheduler = cosine_lr(self.optimizer, LR, WARMUP, max(total, WARMUP + 1))
-        self.step = 0
-        self.marks: Callable[[str], None] | None = None  # phase clock (--profile)
-        self.data: Rendered | None = None
-
-    def feed(self, r: Rendered) -> None:
-        self.data = r
-
-    def run_step(self, k: int, clock: PhaseClock | None = None) -> None:
-        self.train_step(self.data.pixels[k], self.data.input_ids[k])
-
-    def param_counts(self) -> dict[str, int]:
-        m = self.model
-        return {"vision": _n(m.visual), "text": _n(m) - _n(m.visual) - m.logit_scale.numel(),
-                "loss": m.logit_scale.numel(), "total": _n(m)}
-
-    def instrument(self, clock: PhaseClock) -> None:
-        self.marks = clock.mark
-        self._hook = self.model.visual.register_forward_hook(
-            lambda *_: clock.mark("forward vision"))
-
-    def uninstrument(self) -> None:
-        self.marks = None
-        self._hook.remove()
-
-    def _mark(self, name: str) -> None:
-        if self.marks is not None:
-            self.marks(name)
-
-    def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> None:
-        """open_clip_train/train.py ``train_one_epoch`` for accum_freq == 1, logging aside."""
-        self.scheduler(self.step)
-        images = images.to(device=self.device, dtype=None, non_blocking=True)
-        texts = texts.to(device=self.device, non_blocking=True)
-        self._mark("to device")
-        self.optimizer.zero_grad()
-        self._mark("zero_grad")
-        with self.autocast():
-            model_out = self.model(images, texts)
-            self._mark("forward text")  # the vision hook marks "forward vision" before it
-            losses = self.loss(**model_out, output_dict=True)
-            total_loss = sum(losses.values())
-            losses["loss"] = total_loss
-        self._mark("loss")
-        total_loss.backward()
-        self._mark("backward")
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, norm_type=2.0)
-        self.optimizer.step()
-        self._mark("optimizer")
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, math.log(100))
-        self._mark("logit clamp")
-        self.step += 1
-
-
 # ------------------------------------------------------------------------------------------
-# data: one fixed set of batches, rendered once, fed to every side
+# data: one fixed set of batches, rendered once in the parent, loaded by every worker
 
 
-@dataclass
-class Rendered:
-    """Batches as plain tensors (they travel to the memory subprocesses through torch.save)."""
-
-    pixels: list[torch.Tensor]
-    input_ids: list[torch.Tensor]  # padded to context_length: what open_clip gets
-    tokens_context: list[dict[str, torch.Tensor]]  # the same ids with their mask: mmfw's
-    tokens_longest: list[dict[str, torch.Tensor]]  # as mmfw's tokenizer pads (variant)
-    image_ids: list[torch.Tensor]
-    text_ids: list[torch.Tensor]
-    pad_id: int
-    eos_id: int
-    mean_tokens: float  # real (non-pad) tokens per caption
-    mean_longest: float  # tokens per caption when padded to the batch's longest
-
-
-def render(trainer: Any, a: argparse.Namespace) -> Rendered:
-    """``a.batches`` batches of ``a.batch_size`` distinct images with one random caption each
-    (as open_clip's datasets give them), collated by mmfw's own ``Collate``."""
+def render(trainer: Any, s: Shape, n_batches: int, batch: int) -> dict[str, Any]:
+    """``n_batches`` batches of ``batch`` distinct images with one random caption each (as
+    open_clip's datasets give them), collated by mmfw's own ``Collate``. Plain tensors, so a
+    worker reads them with ``torch.load``."""
     from mmfw.data.batching import Collate
 
     text = trainer.model.text
     tok = text.tokenizer
     pad_id, eos_id = tok.token_to_id("[PAD]"), tok.token_to_id("[SEP]")
-
-    def to_context(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        extra = a.context_length - tokens["input_ids"].shape[1]
-        return {"input_ids": F.pad(tokens["input_ids"], (0, extra), value=pad_id),
-                "attention_mask": F.pad(tokens["attention_mask"], (0, extra), value=False)}
-
-    collate = Collate(trainer.model.vision.preprocess, text.tokenize, trainer.pairs.items)
-    pairs, cpi = trainer.pairs, 5
+    pairs = trainer.data.pairs
+    collate = Collate(trainer.model.vision.preprocess, text.tokenize, pairs.items)
     rng = random.Random(0)
-    out = Rendered([], [], [], [], [], [], pad_id, eos_id, 0.0, 0.0)
-    n_tokens = n_longest = 0
-    for b in range(a.batches):
-        rows = []
-        for i in range(b * a.batch_size, (b + 1) * a.batch_size):
-            k = i * cpi + rng.randrange(cpi)
-            assert pairs.index[k][0] == i
-            rows.append(pairs[k])
-        batch = collate(rows)
-        padded = to_context(batch.tokens)
-        out.pixels.append(batch.pixels)
-        out.input_ids.append(padded["input_ids"])
-        out.tokens_context.append(padded)
-        out.tokens_longest.append(batch.tokens)
-        out.image_ids.append(batch.image_ids)
-        out.text_ids.append(batch.text_ids)
-        n_tokens += int(batch.tokens["attention_mask"].sum())
-        n_longest += batch.tokens["input_ids"].numel()
-    out.mean_tokens = n_tokens / (a.batches * a.batch_size)
-    out.mean_longest = n_longest / (a.batches * a.batch_size)
+    first = {}  # pair index of each image's first caption
+    for k, (i, _c) in enumerate(pairs.index):
+        first.setdefault(i, k)
+    out: dict[str, Any] = {k: [] for k in ("pixels", "ids_context", "mask_context",
+                                           "ids_longest", "mask_longest", "image_ids",
+                                           "text_ids")}
+    for b in range(n_batches):
+        rows = [pairs[first[i] + rng.randrange(5)] for i in range(b * batch, (b + 1) * batch)]
+        bt = collate(rows)
+        extra = s.context_length - bt.tokens["input_ids"].shape[1]
+        out["pixels"].append(bt.pixels)
+        out["ids_context"].append(F.pad(bt.tokens["input_ids"], (0, extra), value=pad_id))
+        out["mask_context"].append(F.pad(bt.tokens["attention_mask"], (0, extra),
+                                         value=False))
+        out["ids_longest"].append(bt.tokens["input_ids"])
+        out["mask_longest"].append(bt.tokens["attention_mask"])
+        out["image_ids"].append(bt.image_ids)
+        out["text_ids"].append(bt.text_ids)
+    real = [int(m.sum(1).max()) for m in out["mask_longest"]]
+    out.update(pad_id=pad_id, eos_id=eos_id, longest=max(real),
+               mean_real_tokens=sum(int(m.sum()) for m in out["mask_longest"])
+               / (n_batches * batch),
+               mean_batch_longest=sum(real) / n_batches)
     return out
 
 
 # ------------------------------------------------------------------------------------------
-# measurement
+# worker: one side, one regime, in a fresh process
+
+
+class Done(Exception):
+    """Raised by the batch source after the last step: ends either loop at once (mmfw's
+    ``fit`` would otherwise write its final checkpoint, outside any step but not wanted)."""
 
 
 def sync(device: torch.device) -> None:
@@ -376,370 +261,542 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Runner:
-    """Steps one side through the batch list, cycling."""
+class TimedBatches:
+    """The loader both loops iterate: ``n`` batches from ``make(i)``, each request
+    timestamped (after a device sync); ``times[i + 1] - times[i]`` is step ``i``. From
+    request ``profile_from`` on, torch.profiler records. It has what ``train_one_epoch``
+    reads of a dataloader (``num_batches``, ``num_samples``)."""
 
-    def __init__(self, side: Any, n_batches: int) -> None:
-        self.side, self.n, self.k = side, n_batches, 0
+    def __init__(self, make: Callable[[int], Any], n: int, batch: int, device: torch.device,
+                 profile_from: int) -> None:
+        self.make, self.n, self.device, self.profile_from = make, n, device, profile_from
+        self.num_batches, self.num_samples = n, n * batch
+        self.times: list[float] = []
+        self.prof: Any = None
 
-    def run(self, steps: int) -> None:
-        for _ in range(steps):
-            self.side.run_step(self.k % self.n)
-            self.k += 1
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Any]:
+        from torch.profiler import ProfilerActivity, profile
+
+        for i in range(self.n + 1):
+            sync(self.device)
+            self.times.append(time.perf_counter())
+            if i == self.profile_from and i < self.n:
+                acts = [ProfilerActivity.CPU] + (
+                    [ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+                self.prof = profile(activities=acts)
+                self.prof.start()
+            if i == self.n:
+                if self.prof is not None:
+                    sync(self.device)
+                    self.prof.stop()
+                raise Done
+            yield self.make(i)
 
 
-def interleaved(runners: dict[str, Runner], a: argparse.Namespace,
-                device: torch.device) -> dict[str, list[float]]:
-    """Samples/s per round and side; the order rotates every round (A B C, B C A, ...)."""
-    for runner in runners.values():
-        runner.run(a.warmup)
-    sync(device)
-    rates: dict[str, list[float]] = {name: [] for name in runners}
-    names = list(runners)
-    for rnd in range(a.rounds):
-        r = rnd % len(names)
-        for name in names[r:] + names[:r]:
-            sync(device)
-            t0 = time.perf_counter()
-            runners[name].run(a.steps)
-            sync(device)
-            rates[name].append(a.steps * a.batch_size / (time.perf_counter() - t0))
-    return rates
-
-
-def _status_mb(key: str) -> float:
+def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
-        line = next(ln for ln in f if ln.startswith(key + ":"))
-    return int(line.split()[1]) / 1024  # kB
+        return int(next(ln for ln in f if ln.startswith(key + ":")).split()[1])
 
 
-def peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM). Not ``getrusage().ru_maxrss``: on Linux that
-    keeps the parent's peak across fork + exec, so every probe would report the parent's."""
-    return _status_mb("VmHWM")
-
-
-def build_side(a: argparse.Namespace, name: str, out_dir: str, r: Rendered | None) -> Any:
-    if name == "open_clip":
-        torch.manual_seed(0)
-        side = OpenClipSide(a, r.pad_id, r.eos_id)
-    else:
-        variants = tuple(name.split("+")[1:])
-        side = MmfwSide(a, out_dir, variants)
-    if r is not None:
-        side.feed(r)
-    return side
-
-
-def memory_probe(a: argparse.Namespace, name: str, data_file: str) -> dict[str, float]:
-    """In a fresh process: build one side, train warm-up + steps, report peak memory."""
-    r: Rendered = torch.load(data_file, weights_only=False)
-    device = torch.device(a.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        runner = Runner(build_side(a, name, tmp, r), len(r.pixels))
-        sync(device)
-        before = _status_mb("VmRSS")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            cuda_before = torch.cuda.memory_allocated(device) / 2**20
-        runner.run(a.warmup + a.steps)
-        sync(device)
-        peak = peak_rss_mb()
-        out = {"rss_before_training_mb": before, "peak_rss_mb": peak,
-               "peak_rss_increase_mb": peak - before}
-        if device.type == "cuda":
-            out["cuda_allocated_before_mb"] = cuda_before
-            out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
-
-
-def measure_memory(argv: list[str], names: list[str], data_file: str) -> dict[str, Any]:
-    out = {}
-    for name in names:
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-probe", name,
-               "--data-file", data_file]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            raise SystemExit(f"memory probe for {name} failed:\n{proc.stderr[-3000:]}")
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
-
-
-# ------------------------------------------------------------------------------------------
-# profile: where one step's time goes
-
-
-class PhaseClock:
-    """Named time marks within a step; a phase is the time since the previous mark."""
+class PeakMemory:
+    """Peak memory of the training: CUDA ``max_memory_allocated`` above what was allocated
+    before it, or on CPU the growth of the peak RSS (VmHWM, reset through
+    ``/proc/self/clear_refs`` first, as proc(5) documents) over the RSS before it."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.steps: list[list[tuple[str, float]]] = []
-        self.current: list[tuple[str, float]] = []
 
-    def start(self) -> None:
+    def __enter__(self) -> PeakMemory:
         sync(self.device)
-        self.current = [("start", time.perf_counter())]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self.before = _status_kb("VmRSS") / 1024
+            self.reset = True
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                self.reset = False
+        return self
 
-    def mark(self, name: str) -> None:
+    def __exit__(self, *exc: Any) -> None:
         sync(self.device)
-        self.current.append((name, time.perf_counter()))
-
-    def end(self) -> None:
-        self.mark("rest")
-        self.steps.append([(n, t - t0) for (n, t), (_, t0) in
-                           zip(self.current[1:], self.current[:-1], strict=True)])
-
-    def medians_ms(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for i, (name, _) in enumerate(self.steps[0]):
-            out[name] = out.get(name, 0.0) + 1e3 * statistics.median(s[i][1] for s in self.steps)
-        return out
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.result = {"kind": "cuda_max_allocated", "before_mb": self.before,
+                           "peak_mb": peak, "growth_mb": peak - self.before}
+        else:
+            peak = _status_kb("VmHWM") / 1024
+            self.result = {"kind": "VmHWM", "hwm_reset": self.reset, "before_mb": self.before,
+                           "peak_mb": peak, "growth_mb": peak - self.before}
 
 
-def profile(a: argparse.Namespace, sides: dict[str, Any]) -> dict[str, Any]:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    from mmfw.data.batching import Collate
-    from mmfw.train.rows import train_row
-
-    device = torch.device(a.device)
-    mm = sides["mmfw"]
-    n_batches = len(mm.batches)
-    result: dict[str, Any] = {}
-
-    # 1. outside the step: data (Collate in the main process, num_workers = 0) and the
-    #    metrics row Trainer.fit writes every run.log_every steps
-    t = mm.trainer
-    collate = Collate(t.model.vision.preprocess, t.model.text.tokenize, t.data.pairs.items)
-    rows = [t.data.pairs[k * 5] for k in range(a.batch_size)]
-    collate_ms = 1e3 * statistics.median(_times(lambda: collate(rows), 5))
-    out, img, txt, _ = t.run_step(mm.batches[0])
-    log_ms = 1e3 * statistics.median(_times(lambda: train_row(
-        step=1, epoch=0, output=out, image=img, text=txt, batch=mm.batches[0], lr=LR,
-        samples_per_s=0.0, temperature=t.ctx.temperature(), stats=t.opt.stats, stage=None,
-        accumulate=1, local_loss=False), 5))
-    log_every = t.recipe.run.log_every
-
-    # 2. phases by time marks, sides alternating step by step (no profiler: its per-op
-    #    overhead would distort them)
-    clocks = {name: PhaseClock(device) for name in sides}
-    for name, side in sides.items():
-        side.instrument(clocks[name])
-    n_phase = 2 * a.profile_steps
-    for k in range(a.warmup + n_phase):
-        for name, side in sides.items():
-            c = clocks[name]
-            c.start()
-            side.run_step(k % n_batches, c)
-            c.end()
-        if k == a.warmup - 1:
-            for c in clocks.values():
-                c.steps.clear()
-    phases = {name: c.medians_ms() for name, c in clocks.items()}
-    for side in sides.values():
-        side.uninstrument()
-    names = list(dict.fromkeys(n for p in phases.values() for n in p))
-    print(f"\nwhere a step's time goes: median of {n_phase} steps, ms (batches pre-rendered)")
-    print(f"{'phase':<18}" + "".join(f"{s:>{max(12, len(s) + 2)}}" for s in sides))
-    for n in names:
-        print(f"{n:<18}" + "".join(f"{_fmt_ms(phases[s].get(n)):>{max(12, len(s) + 2)}}"
-                                   for s in sides))
-    totals = {s: sum(p.values()) for s, p in phases.items()}
-    print(f"{'step total':<18}" + "".join(f"{totals[s]:>{max(12, len(s) + 2)}.2f}"
-                                          for s in sides))
-    print(f"\noutside the step (Trainer.fit adds them):\n"
-          f"  data: mmfw Collate of one batch in the main process (num_workers=0): "
-          f"{collate_ms:.2f} ms\n"
-          f"  metrics row every {log_every} steps (mmfw.train.rows.train_row): {log_ms:.2f} ms "
-          f"= {log_ms / log_every:.2f} ms/step")
-    result.update(phases_ms=phases, step_ms=totals, collate_ms=collate_ms, log_row_ms=log_ms,
-                  log_every=log_every)
-
-    # 3. operators (torch.profiler), each side on its own
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    result["top_ops"] = {}
-    for name, side in sides.items():
-        with torch_profile(activities=acts) as prof:
-            for k in range(a.profile_steps):
-                side.run_step(k % n_batches)
-            sync(device)
-        ka = prof.key_averages()
-        print(f"\n{name}: top operators by self time over {a.profile_steps} steps")
-        print(ka.table(sort_by=sort, row_limit=a.profile_rows, max_name_column_width=48))
-        ranked = sorted(ka, key=lambda e: -e.self_cpu_time_total)[:a.profile_rows]
-        result["top_ops"][name] = [
-            {"op": e.key, "calls": e.count,
-             "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / a.profile_steps}
-            for e in ranked]
-    return result
+ATTENTION_OP = re.compile(r"attention|flash|sdpa|cudnn_attn|_efficient_", re.I)
 
 
-def _times(fn: Callable[[], Any], n: int) -> list[float]:
-    fn()
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+def profiled(prof: Any, device: torch.device, rows: int) -> dict[str, Any]:
+    """The attention operators that ran (name -> calls) and, if ``rows``, the top-ops table."""
+    ka = prof.key_averages()
+    out: dict[str, Any] = {"attention_ops": {e.key: e.count for e in ka
+                                             if ATTENTION_OP.search(e.key)}}
+    if rows:
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        out["top_ops"] = ka.table(sort_by=sort, row_limit=rows, max_name_column_width=52)
     return out
 
 
-def _fmt_ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
+def run_mmfw(spec: dict[str, Any], data: dict[str, Any], total: int) -> dict[str, Any]:
+    from mmfw.config.recipe import load_recipe
+    from mmfw.data.batching import Batch
+    from mmfw.train.loop import Trainer
+
+    s, batch, device = Shape(**spec["shape"]), spec["batch"], torch.device(spec["device"])
+    # one epoch longer than the run (5 captions an image): fit must not end an epoch
+    images = max(math.ceil((total + 2) * batch / 5), batch)
+    raw = mmfw_recipe(s, batch=batch, device=spec["device"], precision=spec["precision"],
+                      threads=spec["threads"], out_dir=spec["workdir"], train_images=images,
+                      max_steps=total + 1)
+    if spec["grad_clip"]:
+        raw["optim"]["grad_clip"] = spec["grad_clip"]
+    recipe = load_recipe(raw, overrides=[*spec["settings"]["mmfw_sets"], *spec["mmfw_set"]])
+    trainer = Trainer(recipe, overwrite=True, console=lambda _msg: None)
+    key = spec["settings"]["tokens"]
+    ids, masks = data[f"ids_{key}"], data[f"mask_{key}"]
+    nb = len(ids)
+
+    def make(i: int) -> Batch:
+        k = i % nb
+        return Batch(data["pixels"][k], {"input_ids": ids[k], "attention_mask": masks[k]},
+                     data["image_ids"][k], data["text_ids"][k])
+
+    unpad = bool(getattr(getattr(trainer.model.text, "options", None), "unpad", False))
+    work = flops.TextWork(
+        linear_tokens=sum(int(m.sum()) if unpad else m.numel() for m in masks) / nb,
+        attention_sq=sum(m.shape[0] * m.shape[1] ** 2 for m in masks) / nb)
+    loader = TimedBatches(make, total, batch, device, spec["warmup"] + spec["steps"])
+    trainer.loader = loader  # fit iterates self.loader; the rest of fit is its own
+    with PeakMemory(device) as mem, contextlib.suppress(Done):
+        trainer.fit()
+    trainer.release()
+    check_steps(trainer.opt.optimizer, total, "mmfw")
+    return {"loader": loader, "memory": mem.result, "text_work": work,
+            "params": n_params(trainer.model) + n_params(trainer.opt.losses),
+            "config": {"unpad": unpad, "tokens": key,
+                       "backend": trainer.backend.describe(),
+                       "optimizer": _optimizer_flavour(trainer.opt.optimizer)}}
+
+
+def check_steps(opt: torch.optim.Optimizer, total: int, side: str) -> None:
+    """Every batch the source handed out was one optimizer step (AdamW counts them)."""
+    done = {int(st["step"]) for st in opt.state.values() if "step" in st}
+    if done != {total}:
+        raise RuntimeError(f"{side}: {total} batches handed out, optimizer steps {done}")
+
+
+def _optimizer_flavour(opt: torch.optim.Optimizer) -> str:
+    d = opt.defaults
+    flavour = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "default"
+    return f"{type(opt).__name__} ({flavour})"
+
+
+def run_open_clip(spec: dict[str, Any], data: dict[str, Any], total: int) -> dict[str, Any]:
+    import open_clip
+    from open_clip_train.data import DataInfo
+    from open_clip_train.distributed import init_distributed_device
+    from open_clip_train.params import parse_args
+    from open_clip_train.scheduler import cosine_lr
+    from open_clip_train.train import train_one_epoch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    s, batch = Shape(**spec["shape"]), spec["batch"]
+    st = spec["settings"]
+    register_open_clip(s, data["pad_id"], data["eos_id"], st["oc_block"],
+                       Path(spec["workdir"]))
+    args = parse_args(open_clip_argv(batch, spec["precision"], spec["device"],
+                                     spec["grad_clip"]))
+    if torch.cuda.is_available():  # as open_clip_train.main does first
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    device = init_distributed_device(args)
+    # what main() derives from the parsed arguments before training
+    args.wandb = "wandb" in args.report_to or "all" in args.report_to
+    args.tensorboard = "tensorboard" in args.report_to or "all" in args.report_to
+    args.distill = args.distill_model is not None and args.distill_pretrained is not None
+    torch.manual_seed(args.seed)
+    context = st["oc_context"] or s.context_length
+    model, _, _ = open_clip.create_model_and_transforms(
+        OC_MODEL, None, precision=args.precision, device=device, output_dict=True,
+        force_context_length=st["oc_context"])
+    optimizer = open_clip_optimizer(model, args, st["oc_fused"])
+    loss = open_clip.create_loss(args)
+    scheduler = cosine_lr(optimizer, args.lr, args.warmup, total)
+    ids = [t[:, :context] for t in data["ids_context"]]  # B: exact, no real token cut
+    nb = len(ids)
+
+    def make(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return data["pixels"][i % nb], ids[i % nb]
+
+    work = flops.TextWork(linear_tokens=batch * context, attention_sq=batch * context**2)
+    loader = TimedBatches(make, total, batch, device, spec["warmup"] + spec["steps"])
+    # regime A under CPU bf16: the kernel mmfw's cpu backend enters (its sdpa = "math")
+    kernel = sdpa_kernel(SDPBackend.MATH) if st["same_sdpa"] and spec["math_sdpa"] \
+        else contextlib.nullcontext()
+    with PeakMemory(device) as mem, kernel, contextlib.suppress(Done):
+        train_one_epoch(model, {"train": DataInfo(dataloader=loader)}, loss, 0, optimizer,
+                        None, scheduler, None, args)
+    check_steps(optimizer, total, "open_clip")
+    return {"loader": loader, "memory": mem.result, "text_work": work,
+            "params": n_params(model),
+            "config": {"context_length": context, "block_type": st["oc_block"],
+                       "precision": args.precision, "sdpa_math": st["same_sdpa"]
+                       and spec["math_sdpa"], "optimizer": _optimizer_flavour(optimizer)}}
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    if spec["side"] == "peak":
+        dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+        return flops.matmul_peak(spec["peak_n"], dtype, device)
+    data = torch.load(spec["data_file"], weights_only=False)
+    warm, steps = spec["warmup"], spec["steps"]
+    total = warm + steps + spec["kernel_steps"]
+    run = run_mmfw if spec["side"] == "mmfw" else run_open_clip
+    out = run(spec, data, total)
+    loader: TimedBatches = out.pop("loader")
+    t = loader.times
+    step_s = [b - a for a, b in zip(t[warm:warm + steps], t[warm + 1:warm + steps + 1],
+                                    strict=True)]
+    s = Shape(**spec["shape"])
+    work: flops.TextWork = out.pop("text_work")
+    per_step = flops.step_flops(
+        flops.vision_forward(spec["batch"], s.image_size, s.patch_size, s.vision_width,
+                             s.vision_depth, s.mlp_ratio, s.embed_dim),
+        flops.text_forward(spec["batch"], work, s.text_width, s.text_depth, s.mlp_ratio,
+                           s.embed_dim),
+        spec["batch"], s.embed_dim)
+    out.update(step_s=step_s, threads=torch.get_num_threads(), flops_per_step=per_step,
+               text_work=asdict(work))
+    if loader.prof is not None:
+        out.update(profiled(loader.prof, device, spec["profile_rows"]))
+    return out
 
 
 # ------------------------------------------------------------------------------------------
+# parent: data, checks, the pairs, the summary
+
+
+def run_worker(spec: dict[str, Any], folder: Path, tag: str) -> dict[str, Any]:
+    spec_file, out_file = folder / f"{tag}.spec.json", folder / f"{tag}.out.json"
+    spec_file.write_text(json.dumps({**spec, "result": str(out_file)}))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    if spec["threads"]:
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker",
+                           str(spec_file)], capture_output=True, text=True, env=env,
+                          check=False)
+    if proc.returncode:
+        raise SystemExit(f"worker {tag} failed (exit {proc.returncode}):\n"
+                         f"{proc.stderr[-4000:]}")
+    return json.loads(out_file.read_text())
+
+
+def versions() -> dict[str, str]:
+    """What record.machine() leaves out: timm's version and the mmfw commit measured (with
+    '+dirty' when the working tree has changes)."""
+    import timm
+
+    out = {"timm": timm.__version__}
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        git = ["git", "-C", str(HERE)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        out["mmfw_commit"] = commit + ("+dirty" if dirty else "")
+    return out
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method)."""
+    v = sorted(xs)
+    pos = (len(v) - 1) * q / 100
+    lo = math.floor(pos)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
+
+
+def geo_mean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def bootstrap_ci(ratios: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the geometric mean, resampling pairs."""
+    rng = random.Random(seed)
+    means = sorted(geo_mean(rng.choices(ratios, k=len(ratios))) for _ in range(n))
+    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
+
+
+def check_params(s: Shape, trainer: Any, data: dict[str, Any], folder: Path) -> dict[str, int]:
+    """Both models' parameter counts; fail when they differ by more than the known
+    structural differences (open_clip's ViT has ln_pre and no patch-embedding bias; mmfw's
+    linear adapters have biases and timm's ViT a final norm of its own)."""
+    import open_clip
+
+    counts = {}
+    for block in ("default", "custom"):
+        register_open_clip(s, data["pad_id"], data["eos_id"], block, folder)
+        model = open_clip.create_model(OC_MODEL)
+        counts[f"open_clip ({block} block)"] = n_params(model)
+        del model
+    counts["mmfw"] = n_params(trainer.model) + n_params(trainer.opt.losses)
+    allowed = 4 * (s.vision_width + s.text_width + s.embed_dim)
+    for name, c in counts.items():
+        print(f"params {name:<26} {c:>12,}")
+    diff = max(abs(c - counts["mmfw"]) for c in counts.values())
+    print(f"largest difference {diff:,} (allowed: {allowed:,}, ln_pre, biases, norms)")
+    if diff > allowed:
+        raise SystemExit(f"parameter counts differ by {diff:,} > {allowed:,}: the two models "
+                         "are not the same shape")
+    return counts
+
+
+def summarise(a: argparse.Namespace, runs: dict[str, dict[str, list[dict[str, Any]]]],
+              peak: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for regime, sides in runs.items():
+        ratios = [o["step_s_p50"] / m["step_s_p50"]
+                  for m, o in zip(sides["mmfw"], sides["open_clip"], strict=True)]
+        lo, hi = bootstrap_ci(ratios)
+        per_side = {}
+        for side, results in sides.items():
+            pooled = [x for r in results for x in r["step_s"]]
+            p50 = percentile(pooled, 50)
+            fl = results[0]["flops_per_step"]
+            per_side[side] = {
+                "step_ms_p50": 1e3 * p50, "step_ms_p90": 1e3 * percentile(pooled, 90),
+                "samples_per_s": a.batch_size / p50,
+                "peak_memory_growth_mb": percentile([r["memory"]["growth_mb"]
+                                                     for r in results], 50),
+                "memory_kind": results[0]["memory"]["kind"],
+                "model_flops_per_step": fl, "model_flops_per_s": fl / p50,
+                "mfu": fl / p50 / peak, "params": results[0]["params"],
+                "config": results[0]["config"],
+                "attention_ops": results[0].get("attention_ops", {}),
+                "threads": results[0]["threads"]}
+        out[regime] = {"label": REGIMES[regime], "ratio": geo_mean(ratios), "ci95": [lo, hi],
+                       "pair_ratios": ratios, "sides": per_side}
+    return out
+
+
+def report(summary: dict[str, Any], peak: dict[str, Any], quick: bool) -> None:
+    for regime, r in summary.items():
+        print(f"\nregime {regime} ({r['label']}): per side, timed steps of all pairs pooled")
+        print(f"{'side':<10} {'p50 ms':>9} {'p90 ms':>9} {'samples/s':>10} {'peak MiB':>9} "
+              f"{'GFLOP/s':>9} {'MFU':>7}  config")
+        for side, v in r["sides"].items():
+            print(f"{side:<10} {v['step_ms_p50']:>9.1f} {v['step_ms_p90']:>9.1f} "
+                  f"{v['samples_per_s']:>10.1f} {v['peak_memory_growth_mb']:>9.0f} "
+                  f"{v['model_flops_per_s'] / 1e9:>9.1f} {v['mfu']:>7.1%}  "
+                  f"{json.dumps(v['config'])}")
+        for side, v in r["sides"].items():
+            print(f"  attention ops, {side}: {v['attention_ops'] or 'none recorded'}")
+        print("  per-pair ratios: " + " ".join(f"{x:.3f}" for x in r["pair_ratios"]))
+    print(f"\nmatmul peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s (torch.mm {peak['n']}^2 "
+          f"{peak['dtype']}, {peak['threads']} threads)")
+    if any(v["mfu"] > 1 for r in summary.values() for v in r["sides"].values()):
+        print("warning: an MFU above 100%: the peak was measured under more load than the "
+              "steps ran under (not a quiet machine); the MFU column is not meaningful")
+    tag = "  [--quick: NOT protocol-grade]" if quick else ""
+    print()
+    for regime, r in summary.items():
+        lo, hi = r["ci95"]
+        print(f"regime {regime} ({r['label']}): mmfw/open_clip = {r['ratio']:.2f}x "
+              f"[{lo:.2f}, {hi:.2f}]{tag}")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="quickstart")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
-    ap.add_argument("--rounds", type=int, default=16, help="rounds, the side order rotating")
-    ap.add_argument("--warmup", type=int, default=8, help="untimed steps per side first (one "
-                    "pass over the batches: torch.compile sees every shape before timing)")
-    ap.add_argument("--batches", type=int, default=8, help="distinct pre-rendered batches")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--grad-clip", type=float, default=0.0, help="on every side (0: off)")
-    g = ap.add_argument_group("model (every side; defaults: recipes/quickstart.toml)")
-    g.add_argument("--image-size", type=int, default=48)
-    g.add_argument("--patch-size", type=int, default=8)
-    g.add_argument("--width", type=int, default=128)
-    g.add_argument("--heads", type=int, default=4)
-    g.add_argument("--mlp-ratio", type=float, default=2.0)
-    g.add_argument("--vision-depth", type=int, default=4)
-    g.add_argument("--text-depth", type=int, default=3)
-    g.add_argument("--context-length", type=int, default=48)
-    g.add_argument("--vocab-size", type=int, default=2000)
-    g.add_argument("--embed-dim", type=int, default=128)
-    ap.add_argument("--variant", nargs="+", default=[], choices=tuple(VARIANTS),
-                    help="also measure, in the same rounds, an mmfw side with these changes "
-                         "combined: " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
-    ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    ap.add_argument("--profile", action="store_true",
-                    help="profile instead: phases of a step and top operators, every side")
-    ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=0,
+                    help="0: the shape's (quickstart 128, vit-b32 32)")
+    ap.add_argument("--pairs", type=int, default=MIN_PAIRS, help="ABBA pairs per regime")
+    ap.add_argument("--warmup", type=int, default=MIN_WARMUP, help="untimed steps per process")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="timed steps per process (0: the shape's: quickstart 100, vit-b32 20)")
+    ap.add_argument("--batches", type=int, default=8, help="distinct pre-built batches")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on both sides "
+                    "(0: torch's default)")
+    ap.add_argument("--regimes", nargs="+", choices=tuple(REGIMES), default=list(REGIMES))
+    ap.add_argument("--oc-block", choices=("auto", "default", "custom"), default="auto",
+                    help="open_clip's block type in regime B (auto: the faster in a probe)")
+    ap.add_argument("--probe-steps", type=int, default=10, help="timed steps of each block "
+                    "type's probe (auto)")
+    ap.add_argument("--probe-rounds", type=int, default=2, help="probe processes of each "
+                    "block type, ABBA order (auto)")
+    ap.add_argument("--grad-clip", type=float, default=0.0, help="on both sides (0: off)")
+    ap.add_argument("--mmfw-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe setting for the mmfw side in every regime (repeatable)")
+    ap.add_argument("--kernel-steps", type=int, default=2, help="steps under torch.profiler "
+                    "after the timed ones (attention kernels; not timed)")
+    ap.add_argument("--profile", action="store_true", help="print the top operators of "
+                    "those steps, every side and regime (first pair)")
     ap.add_argument("--profile-rows", type=int, default=15)
+    ap.add_argument("--peak-n", type=int, default=0, help="matmul side of the peak "
+                    "(0: 2048 on CPU, 8192 on CUDA)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 pair, 2 warm-up and "
+                    "3 timed steps (2 at vit-b32, batch 4): NOT protocol-grade")
     ap.add_argument("--json", default=None, help="result file (default: benchmarks/results/"
-                    "train_throughput_<device>_<precision>[_profile][_<variant>...].json)")
-    ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
-    ap.add_argument("--data-file", help=argparse.SUPPRESS)
+                    "train_throughput_<shape>_<device>_<precision>[_quick].json)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.profile and "compile" in a.variant:
-        ap.error("--profile with the compile variant: the phase marks would break its graph")
-    if "sdpa-auto" in a.variant and (a.device, a.precision) != ("cpu", "bf16"):
-        ap.error("the sdpa-auto variant is the cpu backend's bf16 setting: --precision bf16 on cpu")
+    d = SHAPE_DEFAULTS[a.shape]
+    if a.quick:
+        a.pairs, a.warmup, a.probe_steps, a.probe_rounds, a.batches = 1, 2, 2, 1, 2
+        a.steps = a.steps or (2 if a.shape == "vit-b32" else 3)
+        a.batch_size = a.batch_size or (4 if a.shape == "vit-b32" else 32)
+    a.batch_size = a.batch_size or d["batch"]
+    a.steps = a.steps or d["steps"]
+    a.peak_n = a.peak_n or (8192 if a.device == "cuda" else 2048)
+    a.protocol_grade = (not a.quick and a.pairs >= MIN_PAIRS and a.warmup >= MIN_WARMUP
+                        and a.steps >= d["steps"])
     return a
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    a = parse(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.memory_probe:
-        print(json.dumps(memory_probe(a, a.memory_probe, a.data_file)))
+    if argv[:1] == ["--worker"]:
+        spec = json.loads(Path(argv[1]).read_text())
+        Path(spec["result"]).write_text(json.dumps(worker(spec)))
         return
+    a = parse(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
-    if importlib.util.find_spec("open_clip") is None or \
-            importlib.util.find_spec("open_clip_train") is None:
+    try:
+        import open_clip  # noqa: F401
+        import open_clip_train  # noqa: F401
+    except ImportError:
         raise SystemExit("the peer is not installed: pip install -e \".[bench]\" "
-                         "(open-clip-torch, with open_clip and open_clip_train)")
-    device = torch.device(a.device)
-    names = ["mmfw", "open_clip"] + (["mmfw+" + "+".join(a.variant)] if a.variant else [])
+                         "(open-clip-torch, with open_clip and open_clip_train)") from None
+    from mmfw.config.recipe import load_recipe
+    from mmfw.train.loop import Trainer
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    s = SHAPES[a.shape]
+    header = record.new_result()
+    info = header["machine"]
+    print(f"machine: {info['cpu']}, {info['nproc']} cores, torch {info['torch']}, open_clip "
+          f"{info.get('open_clip')}, threads {a.threads or torch.get_num_threads()}, load "
+          f"{' '.join(info.get('loadavg', []))}" + (f", {info['gpu']}" if "gpu" in info else ""))
+    print(f"shape {a.shape}: {json.dumps(asdict(s))}")
+    if not a.protocol_grade:
+        print("NOT protocol-grade: " + ("--quick" if a.quick else
+              f"needs >= {MIN_PAIRS} pairs, >= {MIN_WARMUP} warm-up and >= "
+              f"{SHAPE_DEFAULTS[a.shape]['steps']} timed steps"))
     with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
         t0 = time.perf_counter()
-        first = MmfwSide(a, str(Path(tmp) / "mmfw"))
-        r = render(first.trainer, a)
-        first.feed(r)
-        sides = {"mmfw": first}
-        for name in names[1:]:
-            sides[name] = build_side(a, name, str(Path(tmp) / name.replace("+", "_")), r)
-        setup_s = time.perf_counter() - t0
-        header = record.new_result()  # the date and the machine, read once
-        info = header["machine"]
-        params = {name: side.param_counts() for name, side in sides.items()}
-        print(f"machine: {info['cpu']}, {info['nproc']} cores, torch {info['torch']}, "
-              f"open_clip {info.get('open_clip')}, threads {torch.get_num_threads()}, "
-              f"load {' '.join(info.get('loadavg', []))}")
-        print(f"model: {json.dumps(asdict(shape_of(a)))}")
-        for name, p in params.items():
-            print(f"params {name:<10} {p}")
-        print(f"batch {a.batch_size}, {a.precision}, {a.device}; {a.batches} pre-rendered "
-              f"batches; tokens per caption: {r.mean_tokens:.1f} real, {a.context_length} as "
-              f"fed (context length), {r.mean_longest:.1f} padded to each batch's longest "
-              f"(setup {setup_s:.1f}s)")
-        for v in a.variant:
-            print(f"variant {v}: {VARIANTS[v]}")
-        result: dict[str, Any] = {
-            **header, "args": vars(a),
-            "model": asdict(shape_of(a)), "params": params,
-            "tokens_per_caption": {"real": r.mean_tokens, "context": a.context_length,
-                                   "longest_in_batch": r.mean_longest},
-            "command": " ".join(["python", "benchmarks/train_throughput.py", *argv])}
-        if a.profile:
-            result["profile"] = profile(a, sides)
-        else:
-            runners = {name: Runner(side, a.batches) for name, side in sides.items()}
-            rates = interleaved(runners, a, device)
-            result.update(summarise(rates))
-            if not a.no_memory:
-                data_file = str(Path(tmp) / "batches.pt")
-                torch.save(r, data_file)
-                result["memory"] = measure_memory(argv, names, data_file)
-            report(a, result)
+        recipe = load_recipe(mmfw_recipe(s, batch=a.batch_size, device=a.device,
+                                         precision=a.precision, threads=a.threads,
+                                         out_dir=str(folder / "parent"),
+                                         train_images=a.batches * a.batch_size),
+                             overrides=a.mmfw_set)
+        trainer = Trainer(recipe, overwrite=True, console=lambda _msg: None)
+        data = render(trainer, s, a.batches, a.batch_size)
+        params = check_params(s, trainer, data, folder)
+        backend = recipe.backend.options
+        math_sdpa = (a.device == "cpu" and a.precision == "bf16"
+                     and getattr(backend, "sdpa", "auto") == "math")
+        trainer.release()
+        del trainer
+        data_file = folder / "batches.pt"
+        torch.save(data, data_file)
+        print(f"batch {a.batch_size}, {a.precision}, {a.device}; {a.batches} pre-built "
+              f"batches; tokens a caption: {data['mean_real_tokens']:.1f} real, "
+              f"{data['mean_batch_longest']:.1f} padded to each batch's longest, "
+              f"{s.context_length} context; longest caption {data['longest']} "
+              f"(setup {time.perf_counter() - t0:.1f} s)")
+        base = {"shape": asdict(s), "batch": a.batch_size, "device": a.device,
+                "precision": a.precision, "threads": a.threads, "warmup": a.warmup,
+                "steps": a.steps, "kernel_steps": a.kernel_steps, "grad_clip": a.grad_clip,
+                "mmfw_set": a.mmfw_set, "math_sdpa": math_sdpa, "data_file": str(data_file),
+                "profile_rows": 0, "peak_n": a.peak_n}
+
+        def spec(side: str, regime: str, tag: str, **over: Any) -> dict[str, Any]:
+            work = folder / tag
+            work.mkdir(exist_ok=True)
+            return {**base, "side": side, "regime": regime, "workdir": str(work),
+                    "settings": regime_settings(regime, data["longest"], oc_block), **over}
+
+        peaks = [run_worker({**base, "side": "peak"}, folder, "peak0")]
+        oc_block, probe = a.oc_block, {}
+        if "B" in a.regimes and oc_block == "auto":
+            # ABBA too (default, custom, custom, default, ...): the mean of each one's p50s
+            order = [("default", "custom")[(k + k // 2) % 2] for k in range(2 * a.probe_rounds)]
+            times: dict[str, list[float]] = {"default": [], "custom": []}
+            for k, block in enumerate(order):
+                oc_block = block
+                tag = f"probe-{block}-{k}"
+                r = run_worker(spec("open_clip", "B", tag, steps=a.probe_steps, kernel_steps=0),
+                               folder, tag)
+                times[block].append(percentile(r["step_s"], 50))
+            probe = {b: sum(v) / len(v) for b, v in times.items()}
+            oc_block = min(probe, key=probe.get)
+            print(f"open_clip block type for regime B: {oc_block} (probe p50 ms, mean of "
+                  f"{a.probe_rounds}: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in
+                                                    probe.items()) + ")")
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+            r: {"mmfw": [], "open_clip": []} for r in a.regimes}
+        for p in range(a.pairs):
+            order = ("mmfw", "open_clip") if p % 2 == 0 else ("open_clip", "mmfw")
+            for regime in a.regimes:
+                for side in order:
+                    tag = f"{regime}-{p}-{side}"
+                    rows = a.profile_rows if (a.profile and p == 0) else 0
+                    r = run_worker(spec(side, regime, tag, profile_rows=rows), folder, tag)
+                    runs[regime][side].append(r)
+                    if r.get("top_ops"):
+                        print(f"\nregime {regime}, {side}: top operators over "
+                              f"{a.kernel_steps} steps\n{r['top_ops']}")
+                m, o = runs[regime]["mmfw"][-1], runs[regime]["open_clip"][-1]
+                print(f"pair {p + 1}/{a.pairs} regime {regime} ({'-'.join(order)}): "
+                      f"mmfw p50 {1e3 * percentile(m['step_s'], 50):.1f} ms, open_clip "
+                      f"{1e3 * percentile(o['step_s'], 50):.1f} ms", flush=True)
+        peaks.append(run_worker({**base, "side": "peak"}, folder, "peak1"))
+    peak = max(peaks, key=lambda x: x["flops_per_s"])
+    for res in runs.values():
+        for results in res.values():
+            for r in results:
+                r["step_s_p50"] = percentile(r["step_s"], 50)
+    summary = summarise(a, runs, peak["flops_per_s"])
+    report(summary, peak, a.quick)
+    header["machine_end"] = record.machine()  # the load average after the runs
+    result = {**header, "versions": versions(), "protocol_grade": a.protocol_grade,
+              "quick": a.quick,
+              "args": {k: v for k, v in vars(a).items() if k != "worker"},
+              "command": " ".join(["python", "benchmarks/train_throughput.py", *argv]),
+              "shape": asdict(s), "params": params,
+              "tokens_per_caption": {"real": data["mean_real_tokens"],
+                                     "batch_longest": data["mean_batch_longest"],
+                                     "context": s.context_length, "longest": data["longest"]},
+              "step_time": "time between consecutive batch requests of each side's own "
+                           "training loop (device-synced on CUDA)",
+              "oc_block_b": oc_block, "oc_block_probe_p50_s": probe,
+              "matmul_peak": peaks, "regimes": summary,
+              "raw": {r: {side: [{k: v for k, v in x.items() if k != "top_ops"}
+                                 for x in res] for side, res in sides.items()}
+                      for r, sides in runs.items()}}
     record.write(a.json or HERE / "results" / (
-        f"train_throughput_{a.device}_{a.precision}{'_profile' if a.profile else ''}"
-        f"{''.join('_' + v for v in a.variant)}.json"), result)
-
-
-def summarise(rates: dict[str, list[float]]) -> dict[str, Any]:
-    """Medians, and ratios two ways: of the medians, and the median of per-round ratios (the
-    sides of one round ran back to back, so a round's ratio is least touched by load drift)."""
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    ratios = {}
-    for num, den in [(n, "open_clip") for n in rates if n != "open_clip"] + [
-            (n, "mmfw") for n in rates if n.startswith("mmfw+")]:
-        paired = [x / y for x, y in zip(rates[num], rates[den], strict=True)]
-        ratios[f"{num} / {den}"] = {"ratio_of_medians": med[num] / med[den],
-                                    "median_paired_ratio": statistics.median(paired),
-                                    "paired_min": min(paired), "paired_max": max(paired)}
-    return {"samples_per_s": rates, "median_samples_per_s": med, "ratios": ratios}
-
-
-def report(a: argparse.Namespace, res: dict[str, Any]) -> None:
-    rates, med = res["samples_per_s"], res["median_samples_per_s"]
-    print(f"\n{a.rounds} rounds x {a.steps} steps per side, order rotating, after {a.warmup} "
-          f"warm-up steps (samples/s)")
-    w = max(10, *(len(n) for n in rates))
-    print(f"{'side':<{w}} {'median':>8} {'min':>8} {'max':>8}   per round")
-    for name, v in rates.items():
-        print(f"{name:<{w}} {med[name]:>8.1f} {min(v):>8.1f} {max(v):>8.1f}   "
-              + " ".join(f"{x:.0f}" for x in v))
-    print(f"\n{'ratio':<{w + 13}} {'per-round median':>16} {'(min..max)':>14} "
-          f"{'of medians':>11}")
-    for key, r in res["ratios"].items():
-        spread = f"({r['paired_min']:.2f}..{r['paired_max']:.2f})"
-        print(f"{key:<{w + 13}} {r['median_paired_ratio']:>16.3f} {spread:>14} "
-              f"{r['ratio_of_medians']:>11.3f}")
-    mem = res.get("memory")
-    if mem:
-        cuda = "cuda_max_allocated_mb" in next(iter(mem.values()))
-        print("\npeak memory, one fresh process per side, MiB" +
-              (" (CUDA max allocated)" if cuda else " (RSS: VmHWM)"))
-        print(f"{'side':<{w}} {'before':>9} {'peak':>9} {'increase':>9}")
-        for name, m in mem.items():
-            if cuda:
-                b, p = m["cuda_allocated_before_mb"], m["cuda_max_allocated_mb"]
-            else:
-                b, p = m["rss_before_training_mb"], m["peak_rss_mb"]
-            print(f"{name:<{w}} {b:>9.1f} {p:>9.1f} {p - b:>9.1f}")
+        f"train_throughput_{a.shape}_{a.device}_{a.precision}{'_quick' if a.quick else ''}"
+        ".json"), result)
 
 
 if __name__ == "__main__":
