@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -120,3 +121,18 @@ def mmfw_cli(site: Path, *args: str | Path, cwd: Path) -> subprocess.CompletedPr
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", "mmfw", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
+
+
+def wordpiece_tokenizer(folder: Path, words: Iterable[str]) -> Any:
+    """A BERT WordPiece tokenizer over ``words`` (their characters and ``##`` pieces too),
+    its ``vocab.txt`` written in ``folder``: one line a token (ids are line numbers)."""
+    import transformers as tf
+
+    words = list(words)
+    chars = sorted({c for w in words for c in w})
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                              *chars, *(f"##{c}" for c in chars), *words]))
+                     + "\n", encoding="utf-8")
+    # vocab=, not vocab_file=: transformers 5 ignores the latter and keeps 5 special tokens
+    return tf.BertTokenizerFast(vocab=str(vocab))

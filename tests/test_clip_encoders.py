@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import mmfw
-from helpers import assert_user_error, cli, tiny_recipe
+from helpers import assert_user_error, cli, tiny_recipe, wordpiece_tokenizer
 from mmfw.eval.retrieval import METRIC_KEYS
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -276,13 +276,7 @@ def flickr(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def vit_bert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny ViT and BERT folders for the hub names of flickr30k_lora.toml."""
     root = tmp_path_factory.mktemp("hub")
-    words = sorted({w for c in CAPTIONS for w in c.split()} | {"one"})
-    chars = sorted({ch for w in words for ch in w})
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
-                                              *chars, *(f"##{c}" for c in chars), *words]))
-                     + "\n")  # one line a token: ids are line numbers
-    tok = tf.BertTokenizerFast(vocab=str(vocab))
+    tok = wordpiece_tokenizer(root, sorted({w for c in CAPTIONS for w in c.split()} | {"one"}))
     torch.manual_seed(2)
     tf.BertModel(tf.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
                                num_attention_heads=2, intermediate_size=64,

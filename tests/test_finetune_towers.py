@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
 import mmfw
-from helpers import assert_user_error, cli, tiny_recipe
+from helpers import assert_user_error, cli, tiny_recipe, wordpiece_tokenizer
 from mmfw.errors import RecipeError
 from mmfw.train.params import ParamTable
 from mmfw_encoders.lora import default_targets
@@ -41,11 +41,7 @@ HF_DROPOUT = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny BERT (with a WordPiece tokenizer) and a tiny HF ViT (with its processor)."""
     root = tmp_path_factory.mktemp("towers")
-    chars = sorted({c for w in WORDS for c in w})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars),
-             *WORDS]
-    (root / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
-    tok = tf.BertTokenizerFast(vocab=str(root / "vocab.txt"))
+    tok = wordpiece_tokenizer(root, WORDS)
     torch.manual_seed(0)
     bert = tf.AutoModel.from_config(tf.BertConfig(
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -16,7 +16,7 @@ import transformers as tf
 from safetensors.torch import load_file
 
 import mmfw
-from helpers import assert_user_error, cli, tiny_recipe
+from helpers import assert_user_error, cli, tiny_recipe, wordpiece_tokenizer
 from mmfw.spi import FeatureTable
 
 WORDS = ["a", "small", "red", "circle", "left", "of", "blue", "square", "green", "star",
@@ -26,11 +26,7 @@ WORDS = ["a", "small", "red", "circle", "left", "of", "blue", "square", "green",
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bert")
-    chars = sorted({c for w in WORDS for c in w})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars),
-             *WORDS]
-    (root / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
-    tok = tf.BertTokenizerFast(vocab=str(root / "vocab.txt"))
+    tok = wordpiece_tokenizer(root, WORDS)
     torch.manual_seed(0)
     model = tf.AutoModel.from_config(tf.BertConfig(
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -11,7 +11,7 @@ import tomli_w
 from PIL import Image, ImageDraw
 
 import mmfw
-from helpers import TINY, cli, deep_merge, run_module
+from helpers import TINY, cli, deep_merge, run_module, wordpiece_tokenizer
 from mmfw.eval.retrieval import METRIC_KEYS
 
 pytestmark = pytest.mark.slow
@@ -119,12 +119,7 @@ def tiny_hub(tmp_path_factory, flickr: Path) -> dict[str, Path]:
     words = sorted({w for p in (flickr / "dataset_flickr30k.json",)
                     for img in json.loads(p.read_text())["images"]
                     for s in img["sentences"] for w in s["raw"].lower().split()})
-    vocab = root / "vocab.txt"
-    chars = sorted({c for w in words for c in w})
-    vocab.write_text("\n".join(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
-                                              *chars, *(f"##{c}" for c in chars), *words]))
-                     + "\n")  # one line a token: ids are line numbers
-    tok = tf.BertTokenizerFast(vocab=str(vocab))
+    tok = wordpiece_tokenizer(root, words)
     text = tf.BertModel(tf.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, intermediate_size=64,
                                       max_position_embeddings=64))

@@ -81,8 +81,7 @@ class LockText(Callback):
                 seen.update(row_keys[j] for j in new)
                 parts.append(out)
         features = torch.cat(parts) if parts else torch.empty(0, device=ctx.device)
-        model.text_table = FeatureTable(keys, features)
-        model.text.eval()
+        model.text_table = FeatureTable(keys, features)  # model.train() now keeps it in eval
         ctx.say(f"locked text tower: {len(keys)} training captions embedded once "
                 f"({time.perf_counter() - t0:.1f} s); steps look them up")
 
