@@ -21,9 +21,9 @@ Regimes (each its own ratio; mmfw/open_clip of samples/s, geometric mean of the 
 ratios with a bootstrap 95% CI over the pairs):
 
 - **A, same work**: both fed identical token tensors padded to the context length; mmfw's
-  ``scratch-text`` with ``unpad = false``; the same SDPA kernel on both (under CPU bf16 mmfw's
-  backend picks the math kernel, so open_clip's loop runs inside the same
-  ``sdpa_kernel(MATH)``; the attention operators that ran are listed from torch.profiler);
+  ``scratch-text`` with ``unpad = false``; the same SDPA kernel on both (on the CPU mmfw's
+  backend picks the math kernel, ``backend.sdpa = "math"``, so open_clip's loop runs inside the
+  same ``sdpa_kernel(MATH)``; the attention operators that ran are listed from torch.profiler);
   fused AdamW on both; the same threads.
 - **B, each at its best**: open_clip with ``context_length`` = the longest caption of the data
   (exact with its causal mask and end-of-text pooling), fused AdamW, its faster block type
@@ -286,7 +286,7 @@ class TimedBatches:
             if i == self.profile_from and i < self.n:
                 acts = [ProfilerActivity.CPU] + (
                     [ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-                self.prof = profile(activities=acts)
+                self.prof = profile(activities=acts, record_shapes=True)
                 self.prof.start()
             if i == self.n:
                 if self.prof is not None:
@@ -339,14 +339,17 @@ class PeakMemory:
 ATTENTION_OP = re.compile(r"attention|flash|sdpa|cudnn_attn|_efficient_", re.I)
 
 
-def profiled(prof: Any, device: torch.device, rows: int) -> dict[str, Any]:
-    """The attention operators that ran (name -> calls) and, if ``rows``, the top-ops table."""
+def profiled(prof: Any, device: torch.device, rows: int, shapes: bool) -> dict[str, Any]:
+    """The attention operators that ran (name -> calls) and, if ``rows``, the top-ops table
+    (one row per operator and input shapes if ``shapes``)."""
     ka = prof.key_averages()
     out: dict[str, Any] = {"attention_ops": {e.key: e.count for e in ka
                                              if ATTENTION_OP.search(e.key)}}
     if rows:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        out["top_ops"] = ka.table(sort_by=sort, row_limit=rows, max_name_column_width=52)
+        table = prof.key_averages(group_by_input_shape=True) if shapes else ka
+        out["top_ops"] = table.table(sort_by=sort, row_limit=rows, max_name_column_width=52,
+                                     max_shapes_column_width=70)
     return out
 
 
@@ -443,7 +446,7 @@ def run_open_clip(spec: dict[str, Any], data: dict[str, Any], total: int) -> dic
 
     work = flops.TextWork(linear_tokens=batch * context, attention_sq=batch * context**2)
     loader = TimedBatches(make, total, batch, device, spec["warmup"] + spec["steps"])
-    # regime A under CPU bf16: the kernel mmfw's cpu backend enters (its sdpa = "math")
+    # regime A on CPU: the kernel mmfw's cpu backend enters (its sdpa = "math")
     kernel = sdpa_kernel(SDPBackend.MATH) if st["same_sdpa"] and spec["math_sdpa"] \
         else contextlib.nullcontext()
     with PeakMemory(device) as mem, kernel, contextlib.suppress(Done):
@@ -481,10 +484,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         flops.text_forward(spec["batch"], work, s.text_width, s.text_depth, s.mlp_ratio,
                            s.embed_dim),
         spec["batch"], s.embed_dim)
-    out.update(step_s=step_s, threads=torch.get_num_threads(), flops_per_step=per_step,
-               text_work=asdict(work))
+    # the warm-up steps hold one-off costs (torch.compile's compilation, allocator growth):
+    # reported on their own, never in the step times
+    out.update(step_s=step_s, warmup_s=t[warm] - t[0], threads=torch.get_num_threads(),
+               flops_per_step=per_step, text_work=asdict(work))
     if loader.prof is not None:
-        out.update(profiled(loader.prof, device, spec["profile_rows"]))
+        out.update(profiled(loader.prof, device, spec["profile_rows"],
+                            spec.get("profile_shapes", False)))
     return out
 
 
@@ -586,6 +592,7 @@ def summarise(a: argparse.Namespace, runs: dict[str, dict[str, list[dict[str, An
                 "memory_kind": results[0]["memory"]["kind"],
                 "model_flops_per_step": fl, "model_flops_per_s": fl / p50,
                 "mfu": fl / p50 / peak, "params": results[0]["params"],
+                "warmup_s": percentile([r["warmup_s"] for r in results], 50),
                 "config": results[0]["config"],
                 "attention_ops": results[0].get("attention_ops", {}),
                 "threads": results[0]["threads"]}
@@ -598,11 +605,12 @@ def report(summary: dict[str, Any], peak: dict[str, Any], quick: bool) -> None:
     for regime, r in summary.items():
         print(f"\nregime {regime} ({r['label']}): per side, timed steps of all pairs pooled")
         print(f"{'side':<10} {'p50 ms':>9} {'p90 ms':>9} {'samples/s':>10} {'peak MiB':>9} "
-              f"{'GFLOP/s':>9} {'MFU':>7}  config")
+              f"{'GFLOP/s':>9} {'MFU':>7} {'warm-up s':>9}  config")
         for side, v in r["sides"].items():
             print(f"{side:<10} {v['step_ms_p50']:>9.1f} {v['step_ms_p90']:>9.1f} "
                   f"{v['samples_per_s']:>10.1f} {v['peak_memory_growth_mb']:>9.0f} "
-                  f"{v['model_flops_per_s'] / 1e9:>9.1f} {v['mfu']:>7.1%}  "
+                  f"{v['model_flops_per_s'] / 1e9:>9.1f} {v['mfu']:>7.1%} "
+                  f"{v['warmup_s']:>9.1f}  "
                   f"{json.dumps(v['config'])}")
         for side, v in r["sides"].items():
             print(f"  attention ops, {side}: {v['attention_ops'] or 'none recorded'}")
@@ -649,6 +657,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true", help="print the top operators of "
                     "those steps, every side and regime (first pair)")
     ap.add_argument("--profile-rows", type=int, default=15)
+    ap.add_argument("--profile-shapes", action="store_true", help="with --profile: one row "
+                    "per operator and input shapes")
     ap.add_argument("--peak-n", type=int, default=0, help="matmul side of the peak "
                     "(0: 2048 on CPU, 8192 on CUDA)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 pair, 2 warm-up and "
@@ -713,8 +723,7 @@ def main(argv: list[str] | None = None) -> None:
         data = render(trainer, s, a.batches, a.batch_size)
         params = check_params(s, trainer, data, folder)
         backend = recipe.backend.options
-        math_sdpa = (a.device == "cpu" and a.precision == "bf16"
-                     and getattr(backend, "sdpa", "auto") == "math")
+        math_sdpa = a.device == "cpu" and getattr(backend, "sdpa", "auto") == "math"
         trainer.release()
         del trainer
         data_file = folder / "batches.pt"
@@ -728,7 +737,7 @@ def main(argv: list[str] | None = None) -> None:
                 "precision": a.precision, "threads": a.threads, "warmup": a.warmup,
                 "steps": a.steps, "kernel_steps": a.kernel_steps, "grad_clip": a.grad_clip,
                 "mmfw_set": a.mmfw_set, "math_sdpa": math_sdpa, "data_file": str(data_file),
-                "profile_rows": 0, "peak_n": a.peak_n}
+                "profile_rows": 0, "profile_shapes": a.profile_shapes, "peak_n": a.peak_n}
 
         def spec(side: str, regime: str, tag: str, **over: Any) -> dict[str, Any]:
             work = folder / tag

@@ -23,7 +23,7 @@ from helpers import assert_user_error, cli, tiny_recipe
 from mmfw.config.recipe import load_recipe
 from mmfw.data.augment import encoder_input_size
 from mmfw.data.datasource import BadData, CheckedSource
-from mmfw.eval.retrieval import CHUNK, embed_split
+from mmfw.eval.retrieval import CHUNK, device_context, embed_split
 from mmfw.model import build_model
 
 TEST_IMAGES = 40  # batches of 36 from workers' chunks of CHUNK: one joined, one cut short
@@ -39,11 +39,13 @@ def one_by_one(model: Any, split: Any, batch_size: int) -> tuple[torch.Tensor, .
     n = len(split)
     captions = [c for i in range(n) for c in split.captions(i)]
     owner = [i for i in range(n) for _ in split.captions(i)]
-    imgs = [model.encode_image(torch.stack([model.vision.preprocess(split[i].image)
-                                            for i in range(s, min(s + batch_size, n))])).float()
-            for s in range(0, n, batch_size)]
-    txts = [model.encode_text(model.text.tokenize(captions[s:s + batch_size])).float()
-            for s in range(0, len(captions), batch_size)]
+    with device_context("cpu")():  # embed_split's default: the cpu backend's kernels
+        imgs = [model.encode_image(torch.stack([model.vision.preprocess(split[i].image)
+                                                for i in range(s, min(s + batch_size, n))]
+                                               )).float()
+                for s in range(0, n, batch_size)]
+        txts = [model.encode_text(model.text.tokenize(captions[s:s + batch_size])).float()
+                for s in range(0, len(captions), batch_size)]
     return torch.cat(imgs), torch.cat(txts), torch.tensor(owner)
 
 

@@ -16,6 +16,7 @@ from torch.profiler import profile
 
 import mmfw
 from helpers import tiny_recipe
+from mmfw.spi import RecipeError
 from mmfw.train.loop import Trainer
 from mmfw_encoders.attention import check_layer, encoder_forward
 from mmfw_encoders.scratch import ScratchText, ScratchTextOptions
@@ -215,7 +216,7 @@ def test_check_layer_rejects_sequence_first_layers() -> None:
         check_layer(nn.TransformerEncoderLayer(8, 2, 16, batch_first=False))
 
 
-# CPU backend: bf16 autocast with SDPA's math kernel ------------------------------------------
+# CPU backend: SDPA's math kernel (and bf16 autocast) ------------------------------------------
 
 
 def _sdpa_ops(backend: object) -> set[str]:
@@ -245,21 +246,31 @@ def test_bf16_autocast_selects_the_math_kernel() -> None:
     assert not any("flash" in op for op in ops)
 
 
-def test_sdpa_auto_leaves_torch_to_choose() -> None:
-    backend = mmfw.create("backend", "cpu", precision="bf16", sdpa="auto")
+def test_fp32_selects_the_math_kernel_without_autocast() -> None:
+    fp32 = mmfw.create("backend", "cpu")
+    assert "math sdpa" in fp32.describe()
+    with fp32.autocast():
+        assert not torch.backends.cuda.flash_sdp_enabled()
+        assert not torch.is_autocast_enabled("cpu")
+    assert torch.backends.cuda.flash_sdp_enabled()
+    ops = _sdpa_ops(fp32)
+    assert "aten::_scaled_dot_product_attention_math" in ops
+    assert not any("flash" in op for op in ops)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_sdpa_auto_leaves_torch_to_choose(precision: str) -> None:
+    backend = mmfw.create("backend", "cpu", precision=precision, sdpa="auto")
     assert "math sdpa" not in backend.describe()
     with backend.autocast():
         assert torch.backends.cuda.flash_sdp_enabled()
+        assert torch.is_autocast_enabled("cpu") == (precision == "bf16")
     assert any("flash" in op for op in _sdpa_ops(backend))
-    fp32 = mmfw.create("backend", "cpu")  # fp32: no autocast, torch's kernel choice
-    assert "math sdpa" not in fp32.describe()
-    with fp32.autocast():
-        assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
 
 
 def test_sdpa_option_is_validated(tmp_path) -> None:
     data = tiny_recipe(tmp_path, backend={"precision": "bf16", "sdpa": "flash"})
-    with pytest.raises(mmfw.errors.RecipeError, match="sdpa"):
+    with pytest.raises(RecipeError, match="sdpa"):
         mmfw.load_recipe(data)
 
 
@@ -277,6 +288,25 @@ def test_bf16_training_steps_of_the_tiny_model(tmp_path) -> None:
     after = dict(trainer.model.text.named_parameters())
     assert all(torch.isfinite(p).all() for p in after.values())
     assert any(not torch.equal(before[n], p) for n, p in after.items())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_checkpointed_towers_recompute_under_the_math_kernel(tmp_path, precision: str) -> None:
+    """Activation checkpointing recomputes a layer in the backward pass, outside autocast:
+    the backend's step_context keeps the math kernel there, or torch.utils.checkpoint
+    finds the recomputed layer saved other tensors than its forward (a CheckpointError)."""
+    recipe = mmfw.load_recipe(tiny_recipe(
+        tmp_path / "runs", name=f"ckpt-{precision}", backend={"precision": precision},
+        model={"vision": {"grad_checkpointing": True}, "text": {"grad_checkpointing": True}},
+        run={"max_steps": 2, "log_every": 1}, eval={"val_split": ""}))
+    trainer = Trainer(recipe, console=lambda _: None)
+    with profile() as prof:
+        trainer.fit()
+    ops = {e.name for e in prof.events() if "scaled_dot_product" in e.name}
+    assert "aten::_scaled_dot_product_attention_math" in ops
+    assert not any("flash" in op for op in ops)
+    rows = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [math.isfinite(r["loss"]) for r in rows if r["type"] == "train"] == [True, True]
 
 
 def test_unpadded_gradients_are_reproducible_with_several_threads() -> None:

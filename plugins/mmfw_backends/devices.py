@@ -74,9 +74,11 @@ class CPUOptions:
                                   "autocast with a GradScaler (slow on most CPUs; exercises "
                                   "the GPU's fp16 path)")
     sdpa: Literal["math", "auto"] = option(
-        "math", doc="attention kernel under bf16: math (CPU flash attention's bf16 backward "
-        "made training steps 2.2x slower, benchmarks/README.md; math holds the L x L weights) "
-        "or auto (torch's choice)")
+        "math", doc="attention kernel: math (on this CPU faster than torch's flash kernel "
+        "for sequences up to about 100 tokens in fp32 and at every length tried in bf16, "
+        "whose flash backward made steps 2.2x slower; it holds the L x L weights; "
+        "benchmarks/README.md) or auto (torch's choice: faster in fp32 from about 128 "
+        "tokens, e.g. ViT-B/16 at 224 px)")
     channels_last: bool = option(False, doc="NHWC memory format for the vision tower")
     compile: bool = option(False, doc=_compile_doc())
     compile_backend: str = option("inductor", doc="torch.compile backend (inductor needs a "
@@ -85,10 +87,12 @@ class CPUOptions:
 
 
 @contextlib.contextmanager
-def _bf16_autocast(math_sdpa: bool) -> Iterator[None]:
-    """CPU bf16 autocast, with SDPA's math kernel if ``math_sdpa`` (entered on ``with``)."""
+def _cpu_autocast(dtype: torch.dtype | None, math_sdpa: bool) -> Iterator[None]:
+    """CPU autocast to ``dtype`` (none: fp32), with SDPA's math kernel if ``math_sdpa``
+    (entered on ``with``)."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        if dtype is not None:
+            stack.enter_context(torch.autocast("cpu", dtype=dtype))
         if math_sdpa:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         yield
@@ -108,10 +112,14 @@ class CPUBackend(_Prepare):
         return True
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.options.precision == "bf16":
-            return _bf16_autocast(math_sdpa=self.options.sdpa == "math")
-        if self.options.precision == "fp16":
-            return torch.autocast("cpu", dtype=torch.float16)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.options.precision)
+        return _cpu_autocast(dtype, math_sdpa=self.options.sdpa == "math")
+
+    def step_context(self) -> contextlib.AbstractContextManager:
+        """The math kernel for backward passes too: a checkpointed layer recomputed there
+        must save what its forward saved (torch.utils.checkpoint checks the metadata)."""
+        if self.options.sdpa == "math":
+            return sdpa_kernel(SDPBackend.MATH)
         return contextlib.nullcontext()
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
@@ -125,7 +133,7 @@ class CPUBackend(_Prepare):
 
     def describe(self) -> str:
         o = self.options
-        sdpa = ", math sdpa" if o.precision == "bf16" and o.sdpa == "math" else ""
+        sdpa = ", math sdpa" if o.sdpa == "math" else ""
         return f"cpu ({torch.get_num_threads()} threads, {o.precision}{sdpa}{self._flags()})"
 
 

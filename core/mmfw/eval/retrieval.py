@@ -7,6 +7,7 @@ Similarities are cosine; ranking is one batched top-k, no Python loop over queri
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -16,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasource import Prepared, pixel_preprocess
+from ..registry import create
 from ..spi.contracts import Problem
 from ..spi.errors import DataError, MmfwError
 
@@ -59,6 +61,21 @@ def recall_at_k(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
     return out
 
 
+def device_context(device: Any, precision: str = "fp32"
+                   ) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """The forward context of the default backend of ``device``'s type, for embeddings
+    computed without a run's backend: on the CPU the ``cpu`` backend's (its attention
+    kernel, ``backend.sdpa``, so they match what training's evaluation computes), else
+    ``torch.autocast`` to ``precision`` (none for fp32)."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return create("backend", "cpu", precision=precision).autocast
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(dev.type, dtype=dtype)
+
+
 @torch.no_grad()
 def embed_split(model: Any, split: Any, *, batch_size: int = 256, device: Any = "cpu",
                 autocast: Any = None, max_images: int = 0, num_workers: int = 0,
@@ -71,11 +88,9 @@ def embed_split(model: Any, split: Any, *, batch_size: int = 256, device: Any = 
     same batches of ``batch_size`` whatever the loading, so the embeddings are the same.
     ``embed_options(recipe)`` gives the three as a run's recipe sets them.
     """
-    import contextlib
-
     model.eval()
     n = len(split) if not max_images else min(max_images, len(split))
-    ctx = autocast if autocast is not None else contextlib.nullcontext
+    ctx = autocast if autocast is not None else device_context(device)
     tok = model.text.tokenize
     imgs, txts, owner, captions = [], [], [], []
     for i in range(n):
@@ -220,7 +235,6 @@ def _survived(loader: DataLoader, workers: int) -> Iterator[Any]:
 
 def _bar(progress: bool, total: int) -> Any:
     """A tqdm bar on a terminal with ``progress`` (``run.progress``), else a stand-in."""
-    import contextlib
     import sys
 
     if not (progress and sys.stderr.isatty()):
@@ -308,11 +322,9 @@ def embed_split_tokens(model: Any, split: Any, *, batch_size: int = 256, device:
                                   tuple[Tensor, Tensor]]:
     """``embed_split`` plus every image's and caption's token features and masks (kept on
     the CPU, captions padded to the longest): what re-ranking needs, and only it."""
-    import contextlib
-
     model.eval()
     n = len(split) if not max_images else min(max_images, len(split))
-    ctx = autocast if autocast is not None else contextlib.nullcontext
+    ctx = autocast if autocast is not None else device_context(device)
     tok = model.text.tokenize
     owner = [i for i in range(n) for _ in split.captions(i)]
     captions = [c for i in range(n) for c in split.captions(i)]
@@ -353,7 +365,6 @@ def rerank_split(model: Any, split: Any, k: int, *, batch_size: int = 256, devic
     ``k`` pairs per query, in batches of ``batch_size`` pairs, and those ``k`` are reordered
     by its logit (ALBEF's inference). Ranks below ``k`` are the dual encoder's.
     """
-    import contextlib
     import time
 
     if getattr(model, "fusion", None) is None:
@@ -361,7 +372,7 @@ def rerank_split(model: Any, split: Any, k: int, *, batch_size: int = 256, devic
 
         raise RecipeError("re-ranking needs a fusion head", key="eval.rerank_top_k",
                           expected="0, or a [model.fusion] section in the recipe", given=k)
-    ctx = autocast if autocast is not None else contextlib.nullcontext
+    ctx = autocast if autocast is not None else device_context(device)
     t0 = time.perf_counter()
     img, txt, owner, (vt, vm), (tt, tm) = embed_split_tokens(
         model, split, batch_size=batch_size, device=device, autocast=autocast,

@@ -10,7 +10,6 @@ through exactly the evaluation path (``mmfw.eval.retrieval.embed_split``): the v
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -23,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..config.recipe import Recipe
-from ..eval.retrieval import ensemble_embeddings
+from ..eval.retrieval import device_context, ensemble_embeddings
 from ..model import DualEncoder
 from ..registry import create
 from ..run.loaded import ensemble_members, load_run
@@ -254,10 +253,7 @@ def placement(backend: tuple[str, dict[str, Any]] | None, device: str | torch.de
             device = built.device
     dev = torch.device(device) if device is not None else torch.device("cpu")
     prec = precision or "fp32"
-    dtype = PRECISIONS[prec]
-    if dtype is None:
-        return dev, prec, contextlib.nullcontext
-    return dev, prec, lambda: torch.autocast(dev.type, dtype=dtype)
+    return dev, prec, device_context(dev, prec)
 
 
 def _backend_of(recipe: Recipe) -> tuple[str, dict[str, Any]]:

@@ -196,9 +196,12 @@ class Backend(Protocol):
 
     Optional: ``prepare(model)`` (called once the model is on ``device``: memory format,
     ``torch.compile``), ``memory_format`` (a ``torch.memory_format`` the engine gives image
-    batches, e.g. ``channels_last``), ``why_unavailable() -> str`` (said when ``available()`` is
-    false) and ``explain(error) -> str | None`` (a hint for an error raised while training, e.g.
-    an operator MPS lacks).
+    batches, e.g. ``channels_last``), ``step_context()`` (a context manager a whole training
+    step runs in, backward passes included: kernel choices that activation checkpointing's
+    recomputation must see again; ``autocast()`` covers forward passes only),
+    ``why_unavailable() -> str`` (said when ``available()`` is false) and
+    ``explain(error) -> str | None`` (a hint for an error raised while training, e.g. an
+    operator MPS lacks).
     """
 
     name: str

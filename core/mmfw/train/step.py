@@ -14,7 +14,9 @@ wrapper (micro-batches, a fusion head, the loss's own parameters) are averaged h
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from torch import Tensor, nn
@@ -37,6 +39,8 @@ class ContrastiveStep:
         self.model, self.losses, self.strategy, self.backend = model, losses, strategy, backend
         self.accumulate, self.local_loss = accumulate, local_loss
         self.memory_format = getattr(backend, "memory_format", None)
+        self.step_context: Callable[[], AbstractContextManager[Any]] = getattr(
+            backend, "step_context", contextlib.nullcontext)
         if fusion_of(model) is not None:
             if accumulate > 1:
                 raise MmfwError("[model.fusion] is not supported yet with optim.accumulate > "
@@ -55,7 +59,8 @@ class ContrastiveStep:
         loss = mix_targets(self.strategy.global_loss(loss, self.local_loss), batch)
         if self.memory_format is not None and batch.pixels.dim() == 4:
             batch.pixels = batch.pixels.contiguous(memory_format=self.memory_format)
-        return self._run(batch, loss, context, scale)
+        with self.step_context():
+            return self._run(batch, loss, context, scale)
 
     def _plain(self, batch: Any, loss: Callable[..., LossOutput], context: dict[str, Any],
                scale: Scale) -> tuple[LossOutput, Tensor, Tensor]:
