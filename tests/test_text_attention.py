@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import profile
 
 import mmfw
 from helpers import tiny_recipe
 from mmfw.spi import RecipeError
 from mmfw.train.loop import Trainer
-from mmfw_encoders.attention import check_layer, encoder_forward
+from mmfw_encoders.attention import check_layer, encoder_forward, own_kernel, packed_qkv_attention
 from mmfw_encoders.scratch import ScratchText, ScratchTextOptions
 
 WIDTH, HEADS, VOCAB, MAX_LEN = 16, 2, 60, 10
@@ -294,10 +295,12 @@ def test_bf16_training_steps_of_the_tiny_model(tmp_path) -> None:
 def test_checkpointed_towers_recompute_under_the_math_kernel(tmp_path, precision: str) -> None:
     """Activation checkpointing recomputes a layer in the backward pass, outside autocast:
     the backend's step_context keeps the math kernel there, or torch.utils.checkpoint
-    finds the recomputed layer saved other tensors than its forward (a CheckpointError)."""
+    finds the recomputed layer saved other tensors than its forward (a CheckpointError).
+    The towers' own attention is off: SDPA is what has the two kernels."""
     recipe = mmfw.load_recipe(tiny_recipe(
         tmp_path / "runs", name=f"ckpt-{precision}", backend={"precision": precision},
-        model={"vision": {"grad_checkpointing": True}, "text": {"grad_checkpointing": True}},
+        model={"vision": {"grad_checkpointing": True, "attention_impl": "sdpa"},
+               "text": {"grad_checkpointing": True, "attention_impl": "sdpa"}},
         run={"max_steps": 2, "log_every": 1}, eval={"val_split": ""}))
     trainer = Trainer(recipe, console=lambda _: None)
     with profile() as prof:
@@ -332,3 +335,86 @@ def test_unpadded_gradients_are_reproducible_with_several_threads() -> None:
     for other in runs[1:]:
         assert all(torch.equal(other[k], runs[0][k]) for k in runs[0]), [
             k for k in runs[0] if not torch.equal(other[k], runs[0][k])]
+
+
+# mmfw's packed-QKV math attention (attention_impl = "mmfw") ---------------------------------
+
+
+def _sdpa_reference(qkv: Tensor, heads: int, keep: Tensor | None) -> Tensor:
+    b, n, w3 = qkv.shape
+    q, k, v = qkv.view(b, n, 3, heads, w3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    with sdpa_kernel(SDPBackend.MATH):
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    return y.transpose(1, 2).reshape(b, n, w3 // 3)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_packed_qkv_attention_equals_sdpa_outputs_and_gradients(masked: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(6, 11, 3 * 24, generator=g, requires_grad=True)
+    keep = None
+    if masked:
+        lengths = torch.tensor([11, 1, 5, 8, 0, 3])  # row 4: no key at all
+        keep = (torch.arange(11)[None] < lengths[:, None])[:, None, None, :]
+    grad = torch.randn(6, 11, 24, generator=g)
+    want = _sdpa_reference(qkv, 4, keep)
+    got = packed_qkv_attention(qkv, 4, keep)
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+    (gw,) = torch.autograd.grad(want, qkv, grad)
+    (gg,) = torch.autograd.grad(got, qkv, grad)
+    assert torch.allclose(gg, gw, atol=1e-6, rtol=1e-5)
+    if masked:  # SDPA's math kernel zeroes a row with no key; so does the packed kernel
+        assert torch.isfinite(got).all() and torch.equal(got[4], torch.zeros_like(got[4]))
+
+
+def test_own_kernel_only_where_it_computes_the_same_thing() -> None:
+    x = torch.randn(2, 3, 12)
+    with sdpa_kernel(SDPBackend.MATH):
+        assert own_kernel(x, 0.0)
+        assert own_kernel(x, 0.0, torch.ones(2, 1, 1, 3, dtype=torch.bool))
+        assert not own_kernel(x, 0.1)  # dropout on the weights
+        assert not own_kernel(x, 0.0, torch.ones(2, 1, 3, 3, dtype=torch.bool))  # causal
+        assert not own_kernel(x.bfloat16(), 0.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not own_kernel(x, 0.0)
+    assert not own_kernel(x, 0.0)  # torch's own kernel choice (backend.sdpa = "auto")
+
+
+def _towers(impl: str) -> tuple[nn.Module, nn.Module]:
+    from mmfw_encoders.scratch import ScratchVision, ScratchVisionOptions
+
+    torch.manual_seed(0)
+    vision = ScratchVision(ScratchVisionOptions(image_size=16, patch_size=4, width=24, depth=2,
+                                                heads=4, attention_impl=impl))
+    torch.manual_seed(1)
+    text = ScratchText(ScratchTextOptions(vocab_size=40, max_length=9, width=24, depth=2,
+                                          heads=4, attention_impl=impl))
+    return vision, text
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_scratch_towers_train_alike_with_either_attention_impl(unpad: bool) -> None:
+    pixels = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(4, 40, (5, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.arange(9)[None] < torch.tensor([9, 2, 5, 7, 3])[:, None]
+    tokens = {"input_ids": ids, "attention_mask": mask}
+    backend = mmfw.create("backend", "cpu")  # fp32, math kernel: where "mmfw" applies
+    results = {}
+    for impl in ("mmfw", "sdpa"):
+        vision, text = _towers(impl)
+        text.options = attrs.evolve(text.options, unpad=unpad)
+        with profile() as prof, backend.step_context():
+            with backend.autocast():
+                out = vision(pixels).square().sum() + text(tokens).square().sum()
+            out.backward()
+        ops = {e.name for e in prof.events()}
+        results[impl] = (out.detach(), {n: p.grad for n, p in
+                                        [*vision.named_parameters(), *text.named_parameters()]})
+        sdpa_ran = any("scaled_dot_product" in op for op in ops)
+        assert sdpa_ran == (impl == "sdpa"), ops
+    (o1, g1), (o2, g2) = results["mmfw"], results["sdpa"]
+    assert torch.allclose(o1, o2, rtol=1e-5) and g1.keys() == g2.keys()
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], atol=1e-5, rtol=1e-4), name
+    # the same parameters under the same names: checkpoints load either way
+    assert _towers("mmfw")[0].state_dict().keys() == _towers("sdpa")[0].state_dict().keys()
