@@ -119,9 +119,7 @@ def train_row(*, step: int, epoch: int, output: LossOutput, image: Tensor, text:
               local_loss: bool, system: Mapping[str, float] | None = None) -> dict[str, Any]:
     sim = similarity_stats(image, text, batch.image_ids.to(image.device),
                            batch.text_ids.to(image.device))
-    # terms may hold graph-attached tensors (a loss reports its parts): logging must not keep them
-    loss = output.loss.detach()
-    terms = {k: v.detach() if isinstance(v, Tensor) else v for k, v in output.terms.items()}
+    loss, terms = output.loss.detach(), dict(output.terms)
     if local_loss:  # each rank's loss covers its own rows: the batch's loss is their mean
         both = distributed.average(torch.stack([loss.float(), *(
             torch.as_tensor(v, dtype=torch.float32, device=loss.device)

@@ -60,7 +60,10 @@ class ContrastiveStep:
         if self.memory_format is not None and batch.pixels.dim() == 4:
             batch.pixels = batch.pixels.contiguous(memory_format=self.memory_format)
         with self.step_context():
-            return self._run(batch, loss, context, scale)
+            out, img, txt = self._run(batch, loss, context, scale)
+        # backward is done: what the step hands on (rows, checks, callbacks) is for reading
+        return LossOutput(out.loss.detach(), {
+            k: v.detach() if isinstance(v, Tensor) else v for k, v in out.terms.items()}), img, txt
 
     def _plain(self, batch: Any, loss: Callable[..., LossOutput], context: dict[str, Any],
                scale: Scale) -> tuple[LossOutput, Tensor, Tensor]:
