@@ -34,6 +34,15 @@ RECIPE = ROOT / "recipes" / "small_real.toml"
 MINILM = ('model.text={name = "hf-text", model = "sentence-transformers/all-MiniLM-L6-v2", '
           'pooling = "mean", max_length = 32}')
 
+
+
+def timm_cnn(model: str) -> list[str]:
+    """A timm CNN from scratch at the recipe's 64 px, the whole image kept (no centre crop),
+    channels-last (NHWC convolutions are the CPU's fast layout)."""
+    return [f'model.vision={{name = "timm-vision", model = "{model}", pretrained = false, '
+            'image_size = 64, crop_pct = 1.0}', "backend.channels_last=true"]
+
+
 #: row name -> (what it changes, the --set values); "baseline" is the shipped recipe
 ROWS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("recipes/small_real.toml as shipped", []),
@@ -58,6 +67,12 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                                                   "model.vision.heads=6"]),
     "deep-vision": ("vision depth 6", ["model.vision.depth=6"]),
     "patch-16": ("patches of 16 px (16 tokens an image)", ["model.vision.patch_size=16"]),
+    "resnet10t": ("image tower: timm resnet10t from scratch (CNN, 4.9M parameters)",
+                  timm_cnn("resnet10t")),
+    "resnet18": ("image tower: timm resnet18 from scratch (CNN, 11.2M parameters)",
+                 timm_cnn("resnet18")),
+    "regnetx-002": ("image tower: timm regnetx_002 from scratch (CNN, 2.3M parameters)",
+                    timm_cnn("regnetx_002")),
     "minilm": ("pretrained MiniLM-L6 text tower, top 2 layers trained at 0.1x LR",
                [MINILM, "optim.freeze=[\"text.embeddings\", \"text.layers.[0-3]\"]",
                 "optim.lr_mult={text = 0.1}"]),

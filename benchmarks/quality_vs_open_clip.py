@@ -55,28 +55,46 @@ OPEN_CLIP_CONFIG: dict[str, Any] = {
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+#: image towers a variant may name instead of the quickstart's ViT: timm CNNs from scratch at
+#: 64 px through open_clip's own ``TimmModel`` (average pool, linear projection), as mmfw's
+#: timm-vision rows build them
+TIMM_TOWERS = ("resnet10t", "resnet18", "regnetx_002")
+
+
 def open_clip_variant(name: str) -> tuple[dict[str, Any], list[str]]:
-    """open_clip's model config and extra arguments of a ``--open-clip`` variant.
+    """open_clip's model config and extra arguments of a ``--open-clip`` variant: parts
+    joined by ``+``.
 
-    ``quickstart-shape``: the towers above, from scratch. ``minilm-locked``: the same vision
-    tower with the MiniLM-L6 text tower mmfw loads (the same local copy, through open_clip's
-    ``HFTextEncoder``: mean pooling, a linear projection), frozen by open_clip's own
-    ``--lock-text``, as mmfw's ``minilm-locked`` recipes freeze it.
+    ``quickstart-shape``: the towers above, from scratch. ``minilm-locked``: the MiniLM-L6
+    text tower mmfw loads (the same local copy, through open_clip's ``HFTextEncoder``: mean
+    pooling, a linear projection), frozen by open_clip's own ``--lock-text``, as mmfw's
+    ``minilm-locked`` recipes freeze it. A name of ``TIMM_TOWERS`` (e.g. ``resnet10t``): that
+    timm model from scratch as the image tower (open_clip's ``timm_model_name``).
     """
-    if name == "quickstart-shape":
-        return OPEN_CLIP_CONFIG, []
-    if name == "minilm-locked":
-        from mmfw_encoders.hub import resolve
+    config, extra = dict(OPEN_CLIP_CONFIG), []
+    for part in name.split("+"):
+        if part == "quickstart-shape":
+            continue
+        if part == "minilm-locked":
+            from mmfw_encoders.hub import resolve
 
-        path = resolve(MINILM, "hf-text").location
-        text = {"hf_model_name": path, "hf_tokenizer_name": path, "hf_proj_type": "linear",
-                "hf_pooler_type": "mean_pooler", "context_length": 32}
-        return {**OPEN_CLIP_CONFIG, "text_cfg": text}, ["--lock-text"]
-    raise SystemExit(f"unknown --open-clip variant {name!r}: quickstart-shape, minilm-locked")
+            path = resolve(MINILM, "hf-text").location
+            config["text_cfg"] = {"hf_model_name": path, "hf_tokenizer_name": path,
+                                  "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler",
+                                  "context_length": 32}
+            extra.append("--lock-text")
+        elif part in TIMM_TOWERS:
+            config["vision_cfg"] = {"timm_model_name": part, "timm_model_pretrained": False,
+                                    "timm_pool": "avg", "timm_proj": "linear",
+                                    "image_size": 64}
+        else:
+            raise SystemExit(f"unknown --open-clip variant part {part!r}: quickstart-shape, "
+                             f"minilm-locked, {', '.join(TIMM_TOWERS)} (joined by '+')")
+    return config, extra
 
 
 def model_name(variant: str) -> str:
-    return f"mmfw-dev-{variant}"
+    return f"mmfw-dev-{variant.replace('+', '-')}"
 
 
 LAUNCHER = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
@@ -230,7 +248,9 @@ def main() -> None:
                          "and open_clip trains in the fastest (its best on this machine)")
     ap.add_argument("--open-clip", nargs="+", default=["quickstart-shape"],
                     help="open_clip variants: quickstart-shape (the towers from scratch), "
-                         "minilm-locked (its HF text tower on the same MiniLM, --lock-text)")
+                         "minilm-locked (its HF text tower on the same MiniLM, --lock-text), "
+                         f"an image tower of {', '.join(TIMM_TOWERS)}; parts joined by '+' "
+                         "(resnet10t+minilm-locked)")
     ap.add_argument("--open-clip-seeds", type=int, nargs="*",
                     help="seeds the open_clip variants after the first run on (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results"

@@ -379,6 +379,23 @@ def test_timm_pooling(pooling, expected):
     assert enc.model.global_pool == expected
 
 
+def test_timm_image_size_and_crop_pct_set_the_data_pipeline():
+    """A CNN trained at another resolution: the transform resizes to image_size and, with
+    crop_pct = 1, keeps the whole of a square image (timm's own resolve_data_config arguments)."""
+    enc = mmfw.create("encoder", "timm-vision", model="test_resnet", pretrained=False,
+                      image_size=40, crop_pct=1.0)
+    assert enc.image_size == (40, 40) and enc.data_config["crop_pct"] == 1.0
+    image = Image.new("RGB", (80, 80), "white")
+    image.paste((255, 0, 0), (0, 0, 8, 8))  # a red corner a centre crop would cut away
+    pixels = enc.preprocess(image)
+    assert pixels.shape == (3, 40, 40)
+    assert pixels[0, 0, 0] > pixels[1, 0, 0]  # the corner is still there, still red
+    assert enc(pixels[None]).shape == (1, enc.dim)
+    cropped = mmfw.create("encoder", "timm-vision", model="test_resnet", pretrained=False,
+                          image_size=40, crop_pct=0.5).preprocess(image)
+    assert cropped[0, 0, 0] == cropped[1, 0, 0]  # resized to 80, centre 40 kept: no corner
+
+
 def test_timm_option_mistakes():
     with pytest.raises(PluginError, match="Did you mean 'vit_small_patch16_224'"):
         mmfw.create("encoder", "timm-vision", model="vit_smal_patch16_224", pretrained=False)
@@ -392,6 +409,12 @@ def test_timm_option_mistakes():
     with pytest.raises(PluginError, match="kwargs"):
         mmfw.create("encoder", "timm-vision", model="test_vit", pretrained=False,
                     kwargs={"no_such_keyword": 1})
+    with pytest.raises(PluginError, match="set kwargs.img_size = 48 too"):
+        mmfw.create("encoder", "timm-vision", model="test_vit", pretrained=False,
+                    image_size=48)
+    with pytest.raises(RecipeError, match="crop_pct"):
+        mmfw.create("encoder", "timm-vision", model="test_resnet", pretrained=False,
+                    crop_pct=1.5)
 
 
 # ------------------------------------------------------------------------------------------

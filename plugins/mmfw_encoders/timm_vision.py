@@ -45,6 +45,12 @@ class TimmVisionOptions:
         "default", doc="'cls' token, 'mean' of patch tokens, or the architecture's 'default'")
     kwargs: dict[str, Any] = option(factory=dict, doc="extra keywords for timm.create_model, "
                                     "e.g. img_size = 96, drop_path_rate = 0.1")
+    image_size: int = option(0, doc="input resolution in pixels (square) for the data "
+                             "pipeline; 0: the model's own (its pretrained_cfg, or a ViT's "
+                             "img_size). A CNN takes any size; a ViT needs kwargs.img_size too")
+    crop_pct: float = option(0.0, doc="timm's eval centre-crop fraction (resize to "
+                             "image_size / crop_pct, crop image_size); 1.0 crops nothing "
+                             "from a square image; 0: the model's own")
     grad_checkpointing: bool = option(False, doc="recompute each block's activations in the "
                                       "backward pass instead of storing them (timm's "
                                       "set_grad_checkpointing, non-reentrant): less memory, "
@@ -56,6 +62,9 @@ class TimmVisionOptions:
         if self.checkpoint and not self.pretrained:
             raise ValueError("'checkpoint' is set but 'pretrained' is false: set pretrained = "
                              "true to load the file, or drop the checkpoint")
+        if self.image_size < 0 or not 0.0 <= self.crop_pct <= 1.0:
+            raise ValueError(f"image_size must be >= 0 (given {self.image_size}) and crop_pct "
+                             f"in [0, 1] (given {self.crop_pct}); 0 means the model's own")
         taken = [k for k in _RESERVED if k in self.kwargs]
         if taken:
             raise ValueError(f"'kwargs' sets {', '.join(taken)}, which timm-vision sets itself "
@@ -155,13 +164,24 @@ def _check_loaded(checkpoint: str, model: nn.Module, messages: list[str]) -> Non
                   + (" ..." if len(names) > 5 else ""), stacklevel=3)
 
 
-def data_config(model: nn.Module) -> dict[str, Any]:
-    """timm's data config; the input size follows the model when built at another size."""
+def data_config(model: nn.Module, image_size: int = 0, crop_pct: float = 0.0
+                ) -> dict[str, Any]:
+    """timm's data config; the input size follows the model when built at another size, and
+    ``image_size`` / ``crop_pct`` (when set) go in as timm's own ``input_size`` / ``crop_pct``
+    arguments of ``resolve_data_config``."""
     from timm.data import resolve_data_config
 
-    cfg = resolve_data_config({}, model=model)
+    args: dict[str, Any] = {}
+    if image_size:
+        args["input_size"] = (3, image_size, image_size)
+    if crop_pct:
+        args["crop_pct"] = crop_pct
+    cfg = resolve_data_config(args, model=model)
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if isinstance(img_size, (tuple, list)) and tuple(img_size) != tuple(cfg["input_size"][1:]):
+        if image_size:  # a ViT's position embeddings are built for img_size: say so, not crash
+            raise PluginError(f"timm-vision: image_size = {image_size} but the model is built for "
+                             f"{tuple(img_size)} px: set kwargs.img_size = {image_size} too")
         cfg["input_size"] = (3, *(int(s) for s in img_size))
     return cfg
 
@@ -188,7 +208,7 @@ class TimmVision(nn.Module):
         super().__init__()
         o = self.options = options
         self.model = create(o)
-        self.data_config = data_config(self.model)
+        self.data_config = data_config(self.model, o.image_size, o.crop_pct)
         from timm.data import create_transform
 
         self.transform = create_transform(**self.data_config, is_training=False)
