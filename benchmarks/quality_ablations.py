@@ -58,15 +58,26 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "batch-256": ("batch 256", ["sampler.batch_size=256"]),
     "batch-64": ("batch 64", ["sampler.batch_size=64"]),
     "crop-0.7": ("RandomResizedCrop scale [0.7, 1]", ["data.augment.crop_scale=[0.7, 1.0]"]),
+    "crop-0.85": ("RandomResizedCrop scale [0.85, 1]",
+                  ["data.augment.crop_scale=[0.85, 1.0]"]),
+    "flip": ("horizontal flips, p 0.5 (captions' left/right swapped)",
+             ["data.augment.flip=0.5"]),
+    "mixup-0.2": ("MixUp Beta(0.2, 0.2)", ["data.augment.mixup=0.2"]),
     "crop-0.5": ("RandomResizedCrop scale [0.5, 1]", ["data.augment.crop_scale=[0.5, 1.0]"]),
     "word-delete-0.1": ("caption word deletion 0.1", ["data.augment.word_delete=0.1",
                                                       "data.augment.min_words=2"]),
     "label-smoothing-0.1": ("label smoothing 0.1", ["loss.label_smoothing=0.1"]),
     "ema": ("EMA of the weights (decay 0.999)", ["optim.ema.decay=0.999"]),
-    "wide-vision": ("vision width 192, 6 heads", ["model.vision.width=192",
+    # the next three change the scratch ViT: combine them with it (scratch-vit+wide-vision)
+    "wide-vision": ("ViT width 192, 6 heads", ["model.vision.width=192",
                                                   "model.vision.heads=6"]),
-    "deep-vision": ("vision depth 6", ["model.vision.depth=6"]),
-    "patch-16": ("patches of 16 px (16 tokens an image)", ["model.vision.patch_size=16"]),
+    "deep-vision": ("ViT depth 6", ["model.vision.depth=6"]),
+    "patch-16": ("ViT patches of 16 px (16 tokens an image)", ["model.vision.patch_size=16"]),
+    "scratch-vit": ("image tower: the quickstart's ViT from scratch (width 128, 4 layers, 4 "
+                    "heads, 8 px patches), peak LR 1e-3 (small_real.toml before resnet10t)",
+                    ['model.vision={name = "scratch-vision", image_size = 64, patch_size = 8, '
+                     'width = 128, depth = 4, heads = 4}', "backend.channels_last=false",
+                     "optim.lr=1e-3"]),
     "resnet10t": ("image tower: timm resnet10t from scratch (CNN, 4.9M parameters)",
                   timm_cnn("resnet10t")),
     "resnet18": ("image tower: timm resnet18 from scratch (CNN, 11.2M parameters)",
@@ -134,7 +145,7 @@ def main() -> None:
         for name, (what, sets) in ROWS.items():
             print(f"{name:22s} {what}: {' '.join(sets)}")
         return
-    unknown = [r for r in a.rows if r.split("+")[0] not in ROWS]
+    unknown = [p for r in a.rows for p in r.split("+") if p not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; --list shows them")
     results: list[dict[str, Any]] = []

@@ -1,10 +1,13 @@
 """Retrieval quality at an equal wall-clock budget: mmfw against open_clip, on real data (not a
 test).
 
-Both sides train the same model shape (the quickstart's towers: width 128, 4 vision / 3 text
-layers, 4 heads, patches of 8 at 64 px) on the development set of ``benchmarks/dev_data.py``
-(real images with human-written descriptions, Karpathy format), each through its own entry
-point, and both are evaluated on its test split with mmfw's Recall@K (Karpathy convention):
+Both sides train on the development set of ``benchmarks/dev_data.py`` (real images with
+human-written descriptions, Karpathy format), each through its own entry point, and both are
+evaluated on its test split with mmfw's Recall@K (Karpathy convention). open_clip's towers are
+named by ``--open-clip`` variants: ``resnet10t+minilm-locked`` is the towers of
+``small_real.toml`` (timm's resnet10t from scratch at 64 px, the locked MiniLM-L6), the same
+work on both sides; ``quickstart-shape`` is the quickstart's towers from scratch (width 128,
+4 vision / 3 text layers, 4 heads, patches of 8 at 64 px), the reference of the first points.
 
 - **mmfw**: ``mmfw run recipes/small_real.toml`` with ``run.max_minutes`` = the budget (the
   final evaluation included: ``schedule.fit_budget``).
@@ -22,7 +25,8 @@ Each seed runs the two sides one after the other (never at once) and the ratio o
 is reported with the seed-to-seed spread. Choose recipes on val, report test.
 
     python benchmarks/dev_data.py --out data/dev
-    python benchmarks/quality_vs_open_clip.py --data data/dev --minutes 10 --seeds 0 1 2
+    python benchmarks/quality_vs_open_clip.py --data data/dev --minutes 10 --seeds 0 1 2 \
+        --open-clip resnet10t+minilm-locked quickstart-shape --open-clip-seeds 0
 """
 
 from __future__ import annotations
@@ -246,7 +250,8 @@ def main() -> None:
     ap.add_argument("--open-clip-precision", nargs="+", default=["fp32", "amp_bf16"],
                     help="open_clip's --precision candidates: each is timed for one epoch "
                          "and open_clip trains in the fastest (its best on this machine)")
-    ap.add_argument("--open-clip", nargs="+", default=["quickstart-shape"],
+    ap.add_argument("--open-clip", nargs="+",
+                    default=["resnet10t+minilm-locked", "quickstart-shape"],
                     help="open_clip variants: quickstart-shape (the towers from scratch), "
                          "minilm-locked (its HF text tower on the same MiniLM, --lock-text), "
                          f"an image tower of {', '.join(TIMM_TOWERS)}; parts joined by '+' "
@@ -279,6 +284,13 @@ def main() -> None:
                       f"({m['seconds']:.0f} s), open_clip {variant} {o['metrics']['rsum']:.1f} "
                       f"({o['epochs']} epochs, {o['precision']}, {o['seconds']:.0f} s): "
                       f"{ratio:.2f}x", flush=True)
+                # the epoch count comes from the calibration: say when open_clip got more
+                # wall time than mmfw (its epochs ran slower than calibrated), not hide it
+                o["over_budget"] = o["seconds"] > 1.05 * m["seconds"]
+                if o["over_budget"]:
+                    print(f"  note: open_clip {variant} took {o['seconds']:.0f} s against "
+                          f"mmfw's {m['seconds']:.0f} s: it had more time, not less",
+                          flush=True)
                 run["open_clip"][variant], run["ratio"][variant] = o, ratio
             runs.append(run)
     summary = {}
