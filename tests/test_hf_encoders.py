@@ -409,7 +409,7 @@ def test_timm_option_mistakes():
     with pytest.raises(PluginError, match="kwargs"):
         mmfw.create("encoder", "timm-vision", model="test_vit", pretrained=False,
                     kwargs={"no_such_keyword": 1})
-    with pytest.raises(PluginError, match="set kwargs.img_size = 48 too"):
+    with pytest.raises(PluginError, match=r"set kwargs\.img_size = 48 too"):
         mmfw.create("encoder", "timm-vision", model="test_vit", pretrained=False,
                     image_size=48)
     with pytest.raises(RecipeError, match="crop_pct"):
