@@ -35,7 +35,6 @@ MINILM = ('model.text={name = "hf-text", model = "sentence-transformers/all-Mini
           'pooling = "mean", max_length = 32}')
 
 
-
 def timm_cnn(model: str) -> list[str]:
     """A timm CNN from scratch at the recipe's 64 px, the whole image kept (no centre crop),
     channels-last (NHWC convolutions are the CPU's fast layout)."""

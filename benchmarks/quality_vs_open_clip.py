@@ -19,7 +19,8 @@ work on both sides; ``quickstart-shape`` is the quickstart's towers from scratch
   (its best on the machine) for as many epochs as fit in the seconds mmfw's whole process
   took (start-up and mmfw's final evaluation included; open_clip's evaluation is outside).
   Its last checkpoint is loaded by ``open_clip.create_model_and_transforms`` and its
-  test embeddings come from its own preprocessing and tokenizer (CLIP's BPE, context 32).
+  test embeddings come from its own preprocessing and tokenizer (the variant's: CLIP's BPE
+  or MiniLM's WordPiece, context 32).
 
 Each seed runs the two sides one after the other (never at once) and the ratio of test rsums
 is reported with the seed-to-seed spread. Choose recipes on val, report test.

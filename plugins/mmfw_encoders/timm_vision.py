@@ -180,8 +180,9 @@ def data_config(model: nn.Module, image_size: int = 0, crop_pct: float = 0.0
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if isinstance(img_size, (tuple, list)) and tuple(img_size) != tuple(cfg["input_size"][1:]):
         if image_size:  # a ViT's position embeddings are built for img_size: say so, not crash
-            raise PluginError(f"timm-vision: image_size = {image_size} but the model is built for "
-                             f"{tuple(img_size)} px: set kwargs.img_size = {image_size} too")
+            raise PluginError(f"timm-vision: image_size = {image_size} but the model is built "
+                              f"for {tuple(img_size)} px: set kwargs.img_size = {image_size} "
+                              "too")
         cfg["input_size"] = (3, *(int(s) for s in img_size))
     return cfg
 

@@ -119,7 +119,7 @@ def train_row(*, step: int, epoch: int, output: LossOutput, image: Tensor, text:
               local_loss: bool, system: Mapping[str, float] | None = None) -> dict[str, Any]:
     sim = similarity_stats(image, text, batch.image_ids.to(image.device),
                            batch.text_ids.to(image.device))
-    loss, terms = output.loss.detach(), dict(output.terms)
+    loss, terms = output.loss, dict(output.terms)  # the step hands them on detached
     if local_loss:  # each rank's loss covers its own rows: the batch's loss is their mean
         both = distributed.average(torch.stack([loss.float(), *(
             torch.as_tensor(v, dtype=torch.float32, device=loss.device)
