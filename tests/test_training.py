@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 import mmfw
 from helpers import assert_user_error, cli, tiny_recipe
 from mmfw.eval.retrieval import METRIC_KEYS
+from mmfw.inference.model import placement
 from mmfw.run import checkpoint as ckpt
 from mmfw.train.loop import Trainer
 from mmfw.train.params import balance_towers
+from mmfw_backends.cpufeatures import bf16_flag, cpu_flags
 
 QUIET = {"console": lambda _: None}
 
@@ -51,6 +53,41 @@ def test_bf16_autocast_on_cpu(tmp_path) -> None:
     assert [r["step"] for r in rows] == [3, 6]
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert list(result.metrics) == list(METRIC_KEYS)
+
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu vme sse sse2 avx avx2 fma avx512f avx512_bf16 vaes
+"""
+ARM_CPUINFO = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+def test_cpu_flags_name_the_native_bf16_feature() -> None:
+    assert bf16_flag(cpu_flags(X86_CPUINFO)) == "avx512_bf16"
+    assert bf16_flag(cpu_flags(X86_CPUINFO + "flags\t: amx_bf16 amx_tile\n")) == "amx_bf16"
+    assert bf16_flag(cpu_flags(ARM_CPUINFO)) == "bf16"
+    assert bf16_flag(cpu_flags(X86_CPUINFO.replace(" avx512_bf16", ""))) is None
+
+
+@pytest.mark.parametrize("native", ["avx512_bf16", None])
+def test_auto_precision_takes_bf16_only_where_the_cpu_has_it(monkeypatch, native) -> None:
+    """precision = "auto": bf16 autocast on a CPU with bf16 matrix instructions, fp32 (no
+    autocast) on one without, where emulated bf16 is slower than fp32; inference on the run's
+    backend gets the resolved precision."""
+    import mmfw_backends.cpufeatures as features
+    import mmfw_backends.devices as devices
+
+    monkeypatch.setattr(features, "native_bf16", lambda: native)
+    monkeypatch.setattr(devices, "native_bf16", lambda: native)
+    backend = mmfw.create("backend", "cpu", precision="auto")
+    expected = "bf16" if native else "fp32"
+    assert backend.precision == expected
+    with backend.autocast():
+        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == (torch.bfloat16 if native else torch.float32)
+    assert f"{expected} (auto: {native or 'no bf16 matrix instructions'})" in backend.describe()
+    assert placement(("cpu", {"precision": "auto"}), None, None)[1] == expected
+    assert mmfw.create("backend", "cpu").precision == "fp32"  # the default is unchanged
 
 
 def test_fp16_grad_scaler_state_is_checkpointed_and_restored(tmp_path) -> None:

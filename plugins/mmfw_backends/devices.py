@@ -22,6 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmfw.spi import option
 
+from .cpufeatures import auto_cpu_precision, native_bf16
+
 Precision = Literal["fp32", "bf16", "fp16"]
 
 #: PYTORCH_ENABLE_MPS_FALLBACK as it was when this process started (torch reads it at import)
@@ -70,9 +72,11 @@ class _Prepare:
 class CPUOptions:
     threads: int = option(0, doc="torch intra-op threads (0: torch's default, one per core)",
                           validator=attrs.validators.ge(0))
-    precision: Precision = option("fp32", doc="bf16: autocast on CPUs that have it; fp16: "
-                                  "autocast with a GradScaler (slow on most CPUs; exercises "
-                                  "the GPU's fp16 path)")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = option(
+        "fp32", doc="bf16: autocast, fast on CPUs with bf16 matrix instructions (AMX-BF16, "
+        "AVX512-BF16, Arm BF16) and far slower than fp32 on the others; auto: bf16 where the "
+        "CPU has them, else fp32; fp16: autocast with a GradScaler (slow on most CPUs; "
+        "exercises the GPU's fp16 path)")
     sdpa: Literal["math", "auto"] = option(
         "math", doc="attention kernel: math (on this CPU faster than torch's flash kernel "
         "for sequences up to about 100 tokens in fp32 and at every length tried in bf16, "
@@ -105,6 +109,9 @@ class CPUBackend(_Prepare):
     def __init__(self, options: CPUOptions | None = None) -> None:
         self.options = options or CPUOptions()
         self.device = torch.device("cpu")
+        #: what runs: ``options.precision`` with ``auto`` resolved for this CPU
+        self.precision = (auto_cpu_precision() if self.options.precision == "auto"
+                          else self.options.precision)
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
 
@@ -112,7 +119,7 @@ class CPUBackend(_Prepare):
         return True
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.options.precision)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         return _cpu_autocast(dtype, math_sdpa=self.options.sdpa == "math")
 
     def step_context(self) -> contextlib.AbstractContextManager:
@@ -123,7 +130,7 @@ class CPUBackend(_Prepare):
         return contextlib.nullcontext()
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
-        return torch.amp.GradScaler("cpu") if self.options.precision == "fp16" else None
+        return torch.amp.GradScaler("cpu") if self.precision == "fp16" else None
 
     def seed(self, seed: int) -> None:
         seed_everything(seed)
@@ -134,7 +141,10 @@ class CPUBackend(_Prepare):
     def describe(self) -> str:
         o = self.options
         sdpa = ", math sdpa" if o.sdpa == "math" else ""
-        return f"cpu ({torch.get_num_threads()} threads, {o.precision}{sdpa}{self._flags()})"
+        precision = self.precision
+        if o.precision == "auto":
+            precision += f" (auto: {native_bf16() or 'no bf16 matrix instructions'})"
+        return f"cpu ({torch.get_num_threads()} threads, {precision}{sdpa}{self._flags()})"
 
 
 @attrs.frozen
@@ -292,7 +302,8 @@ class MPSBackend(_Prepare):
 @attrs.frozen
 class AutoOptions:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "auto", doc="auto: bf16 on CUDA, fp32 elsewhere"
+        "auto", doc="auto: bf16 on CUDA, fp32 elsewhere (backend.name = \"cpu\" with "
+        "precision = \"auto\" takes bf16 on CPUs with bf16 matrix instructions)"
     )
     threads: int = option(0, doc="CPU threads when it falls back to the CPU",
                           validator=attrs.validators.ge(0))

@@ -248,7 +248,9 @@ def placement(backend: tuple[str, dict[str, Any]] | None, device: str | torch.de
             built = None
         if built is not None and built.available():
             if precision is None:
-                prec = str(getattr(getattr(built, "options", None), "precision", "fp32"))
+                # the precision the backend runs (``auto`` resolved), else its option
+                prec = str(getattr(built, "precision", None)
+                           or getattr(getattr(built, "options", None), "precision", "fp32"))
                 return built.device, prec if prec in PRECISIONS else "fp32", built.autocast
             device = built.device
     dev = torch.device(device) if device is not None else torch.device("cpu")
