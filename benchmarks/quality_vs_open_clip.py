@@ -14,8 +14,9 @@ work on both sides; ``quickstart-shape`` is the quickstart's towers from scratch
 - **open_clip**: ``python -m open_clip_train.main`` (run by a two-line launcher that registers
   the model config with ``open_clip.add_model_config``, then calls its ``main``), its CSV loader
   with every caption as a row, its cosine schedule, and as many epochs as fit the budget:
-  runs of 1 and 2 epochs in each of ``--open-clip-precision`` (fp32 and amp_bf16) time its
-  epoch and its fixed cost first (outside every budget); it trains in the faster precision
+  runs of 1 and 2 epochs in each of ``--open-clip-precision`` (fp32, and amp_bf16 on a CPU
+  with bf16 matrix instructions) time its epoch and its fixed cost first (outside every
+  budget); it trains in the faster precision
   (its best on the machine) for as many epochs as fit in the seconds mmfw's whole process
   took (start-up and mmfw's final evaluation included; open_clip's evaluation is outside).
   Its last checkpoint is loaded by ``open_clip.create_model_and_transforms`` and its
@@ -46,6 +47,8 @@ from typing import Any
 
 import record  # benchmarks/record.py
 import torch
+
+from mmfw_backends.cpufeatures import native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "small_real.toml"
@@ -248,9 +251,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mmfw-set", nargs="*", default=[], help="extra --set for mmfw")
-    ap.add_argument("--open-clip-precision", nargs="+", default=["fp32", "amp_bf16"],
+    ap.add_argument("--open-clip-precision", nargs="+",
+                    default=["fp32", "amp_bf16"] if native_bf16() else ["fp32"],
                     help="open_clip's --precision candidates: each is timed for one epoch "
-                         "and open_clip trains in the fastest (its best on this machine)")
+                         "and open_clip trains in the fastest (its best on this machine; "
+                         "default: amp_bf16 too where the CPU multiplies bf16 in hardware, "
+                         "as mmfw's precision = \"auto\" does)")
     ap.add_argument("--open-clip", nargs="+",
                     default=["resnet10t+minilm-locked", "quickstart-shape"],
                     help="open_clip variants: quickstart-shape (the towers from scratch), "
