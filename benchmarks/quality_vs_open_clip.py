@@ -16,9 +16,9 @@ work on both sides; ``quickstart-shape`` is the quickstart's towers from scratch
   with every caption as a row, its cosine schedule, and as many epochs as fit the budget:
   runs of 1 and 2 epochs in each of ``--open-clip-precision`` (fp32, and amp_bf16 on a CPU
   with bf16 matrix instructions) time its epoch and its fixed cost first (outside every
-  budget); it trains in the faster precision
-  (its best on the machine) for as many epochs as fit in the seconds mmfw's whole process
-  took (start-up and mmfw's final evaluation included; open_clip's evaluation is outside).
+  budget); it trains in the faster precision (its best on the machine) for as many epochs
+  as fit in the seconds mmfw's whole process took (start-up and mmfw's final evaluation
+  included; open_clip's evaluation is outside).
   Its last checkpoint is loaded by ``open_clip.create_model_and_transforms`` and its
   test embeddings come from its own preprocessing and tokenizer (the variant's: CLIP's BPE
   or MiniLM's WordPiece, context 32).

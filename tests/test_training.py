@@ -75,10 +75,8 @@ def test_auto_precision_takes_bf16_only_where_the_cpu_has_it(monkeypatch, native
     autocast) on one without, where emulated bf16 is slower than fp32; inference on the run's
     backend gets the resolved precision."""
     import mmfw_backends.cpufeatures as features
-    import mmfw_backends.devices as devices
 
     monkeypatch.setattr(features, "native_bf16", lambda: native)
-    monkeypatch.setattr(devices, "native_bf16", lambda: native)
     backend = mmfw.create("backend", "cpu", precision="auto")
     expected = "bf16" if native else "fp32"
     assert backend.precision == expected

@@ -22,9 +22,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmfw.spi import option
 
-from .cpufeatures import auto_cpu_precision, native_bf16
+from . import cpufeatures
 
 Precision = Literal["fp32", "bf16", "fp16"]
+#: a precision, or ``auto``: the backend chooses for its device
+AutoPrecision = Literal["auto", "fp32", "bf16", "fp16"]
 
 #: PYTORCH_ENABLE_MPS_FALLBACK as it was when this process started (torch reads it at import)
 MPS_FALLBACK_ENV = "PYTORCH_ENABLE_MPS_FALLBACK"
@@ -72,7 +74,7 @@ class _Prepare:
 class CPUOptions:
     threads: int = option(0, doc="torch intra-op threads (0: torch's default, one per core)",
                           validator=attrs.validators.ge(0))
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = option(
+    precision: AutoPrecision = option(
         "fp32", doc="bf16: autocast, fast on CPUs with bf16 matrix instructions (AMX-BF16, "
         "AVX512-BF16, Arm BF16) and far slower than fp32 on the others; auto: bf16 where the "
         "CPU has them, else fp32; fp16: autocast with a GradScaler (slow on most CPUs; "
@@ -110,7 +112,7 @@ class CPUBackend(_Prepare):
         self.options = options or CPUOptions()
         self.device = torch.device("cpu")
         #: what runs: ``options.precision`` with ``auto`` resolved for this CPU
-        self.precision = (auto_cpu_precision() if self.options.precision == "auto"
+        self.precision = (cpufeatures.auto_cpu_precision() if self.options.precision == "auto"
                           else self.options.precision)
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
@@ -143,7 +145,7 @@ class CPUBackend(_Prepare):
         sdpa = ", math sdpa" if o.sdpa == "math" else ""
         precision = self.precision
         if o.precision == "auto":
-            precision += f" (auto: {native_bf16() or 'no bf16 matrix instructions'})"
+            precision += f" (auto: {cpufeatures.native_bf16() or 'no bf16 matrix instructions'})"
         return f"cpu ({torch.get_num_threads()} threads, {precision}{sdpa}{self._flags()})"
 
 
@@ -301,7 +303,7 @@ class MPSBackend(_Prepare):
 
 @attrs.frozen
 class AutoOptions:
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+    precision: AutoPrecision = option(
         "auto", doc="auto: bf16 on CUDA, fp32 elsewhere (backend.name = \"cpu\" with "
         "precision = \"auto\" takes bf16 on CPUs with bf16 matrix instructions)"
     )
