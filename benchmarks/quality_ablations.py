@@ -67,6 +67,12 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                                                       "data.augment.min_words=2"]),
     "label-smoothing-0.1": ("label smoothing 0.1", ["loss.label_smoothing=0.1"]),
     "ema": ("EMA of the weights (decay 0.999)", ["optim.ema.decay=0.999"]),
+    "global-negatives": ("every training image and caption as negatives (memory_queue, mode "
+                         "global: the bank re-embedded after each epoch)",
+                         ["loss.name=memory_queue", "loss.mode=global"]),
+    "queue-4096": ("a MoCo queue of the last 4,096 embeddings as negatives (memory_queue)",
+                   ["loss.name=memory_queue", "loss.mode=queue", "loss.size=4096"]),
+    "image-48": ("48 px images (0.56x the pixels of 64 px)", ["model.vision.image_size=48"]),
     # the next three change the scratch ViT: combine them with it (scratch-vit+wide-vision)
     "wide-vision": ("ViT width 192, 6 heads", ["model.vision.width=192",
                                                   "model.vision.heads=6"]),
