@@ -7,10 +7,12 @@ from its folder, as a hub name would be.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import tomli_w
+import tomllib
 import torch
 import transformers as tf
 from safetensors.torch import load_file
@@ -92,6 +94,31 @@ def test_locked_run_looks_captions_up_and_matches_the_tower(bert, tmp_path) -> N
         alone = model.text_adapter(model.text(model.text.tokenize(["green triangle above"])))
     torch.testing.assert_close(again[1], model.text_adapter(direct)[1])
     torch.testing.assert_close(again[0], alone[0])
+
+
+def test_table_embeds_each_distinct_caption_once(bert, tmp_path) -> None:
+    """Built shortest caption first (little padding), a caption repeated in the split, also
+    within one batch, is embedded once: the table holds one row per distinct caption."""
+    from PIL import Image
+
+    names = ["a red circle", "the big blue square left of a star", "a star", "green star"]
+    entries = []
+    for i in range(24):
+        Image.new("RGB", (16, 16), (i * 10, 40, 200 - i * 5)).save(tmp_path / f"{i}.png")
+        split = "train" if i < 16 else "test"
+        # every caption of the split is one of four, most of them many times
+        caps = [names[i % 4], names[(i + 1) % 4]] if split == "train" else [f"picture {i}"]
+        entries.append({"filename": f"{i}.png", "imgid": i, "split": split,
+                        "sentences": [{"raw": c} for c in caps]})
+    ann = tmp_path / "dataset_dup.json"
+    ann.write_text(json.dumps({"images": entries}), encoding="utf-8")
+    path = _recipe(tmp_path, bert, "dup")
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    data["data"] = {"dataset": "karpathy", "annotations": str(ann), "images": str(tmp_path)}
+    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    result = cli("run", path)
+    assert result.exit_code == 0, result.output
+    assert "locked text tower: 4 training captions embedded once" in result.output
 
 
 def test_locked_steps_equal_the_frozen_eval_mode_tower(bert, tmp_path) -> None:

@@ -3,12 +3,13 @@ once.
 
 With a pretrained text tower that does not train (``optim.freeze = ["text"]``), every step
 would run the same captions through the same weights again. Locked, the tower is kept in eval
-mode (no dropout, so a caption has one output) and, when the run starts, embeds every caption
-of the training split once, in a fixed order and batching; steps then look their captions up
-(``mmfw.spi.FeatureTable``) and train only the image side and the text adapter: the text
-tower costs nothing per step. This is the "locked tower" of LiT (Zhai et al. 2022, "LiT:
-Zero-Shot Transfer with Locked-image text Tuning"), here on the text side, with the outputs
-cached as their section 5 suggests for a locked tower.
+mode (no dropout, so a caption has one output) and, when the run starts, embeds every distinct
+caption of the training split once, in a fixed order and batching (shortest first, so little
+padding is computed); steps then look their captions up (``mmfw.spi.FeatureTable``) and train
+only the image side and the text adapter: the text tower costs nothing per step. This is
+the "locked tower" of LiT (Zhai et al. 2022, "LiT: Zero-Shot Transfer with Locked-image text
+Tuning"), here on the text side, with the outputs cached as their section 5 suggests for a
+locked tower.
 
 The table is rebuilt the same way on ``--resume`` (so a resumed run is the unbroken one) and is
 not saved: the tower's weights are the checkpoint's. Captions it does not hold (text
@@ -58,7 +59,9 @@ class LockText(Callback):
                             f"\"text\" to optim.freeze")
         t0 = time.perf_counter()
         model.text.eval()
-        captions = self._captions(ctx)
+        # shortest first: a batch pads to its longest caption, so batches of similar lengths
+        # skip most padding (a stable sort: the same order, so the same table, on --resume)
+        captions = sorted(dict.fromkeys(self._captions(ctx)), key=len)
         keys: list[bytes] = []
         parts: list[torch.Tensor] = []
         seen: set[bytes] = set()
@@ -73,12 +76,15 @@ class LockText(Callback):
                             "mask to key captions by; the locked tower runs at every step")
                     model.text_table = FeatureTable([], torch.empty(0))
                     return
-                new = [j for j, k in enumerate(row_keys) if k not in seen]
+                new = []
+                for j, k in enumerate(row_keys):  # once each, also within a batch
+                    if k not in seen:
+                        seen.add(k)
+                        new.append(j)
                 if not new:
                     continue
                 out = model.text({k: v[new] for k, v in tokens.items()})
                 keys += [row_keys[j] for j in new]
-                seen.update(row_keys[j] for j in new)
                 parts.append(out)
         features = torch.cat(parts) if parts else torch.empty(0, device=ctx.device)
         model.text_table = FeatureTable(keys, features)  # model.train() now keeps it in eval
