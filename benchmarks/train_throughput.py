@@ -68,6 +68,8 @@ import record  # benchmarks/record.py
 import torch
 import torch.nn.functional as F
 
+from mmfw_backends.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+
 HERE = Path(__file__).resolve().parent
 LR, WD, BETAS, EPS, WARMUP = 5e-4, 0.1, (0.9, 0.98), 1e-6, 100
 OC_MODEL = "mmfw-bench-shape"  # the name the open_clip config is registered under
@@ -508,6 +510,10 @@ def run_worker(spec: dict[str, Any], folder: Path, tag: str) -> dict[str, Any]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     if spec["threads"]:
         env["OMP_NUM_THREADS"] = str(spec["threads"])
+    if spec.get("side") == "open_clip" and spec.get("open_clip_malloc_kept"):
+        # glibc reads these at start-up: what mmfw's backend.keep_freed_memory sets by mallopt
+        env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
+                   MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker",
                            str(spec_file)], capture_output=True, text=True, env=env,
                           check=False)
@@ -656,6 +662,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--grad-clip", type=float, default=0.0, help="on both sides (0: off)")
     ap.add_argument("--mmfw-set", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe setting for the mmfw side in every regime (repeatable)")
+    ap.add_argument("--open-clip-malloc-kept", action="store_true",
+                    help="give open_clip's processes the glibc thresholds of mmfw's "
+                    "backend.keep_freed_memory (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_): "
+                    "the same allocator policy on both sides")
     ap.add_argument("--kernel-steps", type=int, default=2, help="steps under torch.profiler "
                     "after the timed ones (attention kernels; not timed)")
     ap.add_argument("--profile", action="store_true", help="print the top operators of "
@@ -741,7 +751,8 @@ def main(argv: list[str] | None = None) -> None:
                 "precision": a.precision, "threads": a.threads, "warmup": a.warmup,
                 "steps": a.steps, "kernel_steps": a.kernel_steps, "grad_clip": a.grad_clip,
                 "mmfw_set": a.mmfw_set, "math_sdpa": math_sdpa, "data_file": str(data_file),
-                "profile_rows": 0, "profile_shapes": a.profile_shapes, "peak_n": a.peak_n}
+                "profile_rows": 0, "profile_shapes": a.profile_shapes, "peak_n": a.peak_n,
+                "open_clip_malloc_kept": a.open_clip_malloc_kept}
 
         def spec(side: str, regime: str, tag: str, **over: Any) -> dict[str, Any]:
             work = folder / tag

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmfw.spi import option
 
-from . import cpufeatures
+from . import allocator, cpufeatures
 
 Precision = Literal["fp32", "bf16", "fp16"]
 #: a precision, or ``auto``: the backend chooses for its device
@@ -86,6 +86,10 @@ class CPUOptions:
         "benchmarks/README.md) or auto (torch's choice: faster in fp32 from about 128 "
         "tokens, e.g. ViT-B/16 at 224 px)")
     channels_last: bool = option(False, doc="NHWC memory format for the vision tower")
+    keep_freed_memory: bool = option(
+        True, doc="glibc: keep the memory a step frees for the next step (mallopt's mmap and "
+        "trim thresholds fixed high) instead of mapping it again, page fault by page fault, "
+        "every step; no effect on other C libraries")
     compile: bool = option(False, doc=_compile_doc())
     compile_backend: str = option("inductor", doc="torch.compile backend (inductor needs a "
                                   "C++ compiler on CPU; aot_eager traces without one)")
@@ -114,11 +118,17 @@ class CPUBackend(_Prepare):
         #: what runs: ``options.precision`` with ``auto`` resolved for this CPU
         self.precision = (cpufeatures.auto_cpu_precision() if self.options.precision == "auto"
                           else self.options.precision)
+        #: whether glibc keeps freed memory for the next step (set by ``prepare``)
+        self.kept = False
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
 
     def available(self) -> bool:
         return True
+
+    def prepare(self, model: nn.Module) -> None:
+        super().prepare(model)
+        self.kept = self.options.keep_freed_memory and allocator.keep_freed_memory()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -146,7 +156,8 @@ class CPUBackend(_Prepare):
         precision = self.precision
         if o.precision == "auto":
             precision += f" (auto: {cpufeatures.native_bf16() or 'no bf16 matrix instructions'})"
-        return f"cpu ({torch.get_num_threads()} threads, {precision}{sdpa}{self._flags()})"
+        kept = ", freed memory kept" if self.kept else ""
+        return f"cpu ({torch.get_num_threads()} threads, {precision}{sdpa}{self._flags()}{kept})"
 
 
 @attrs.frozen
