@@ -66,7 +66,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "word-delete-0.1": ("caption word deletion 0.1", ["data.augment.word_delete=0.1",
                                                       "data.augment.min_words=2"]),
     "label-smoothing-0.1": ("label smoothing 0.1", ["loss.label_smoothing=0.1"]),
-    "ema": ("EMA of the weights (decay 0.999)", ["optim.ema.decay=0.999"]),
+    "ema": ("EMA of the weights (decay 0.999, warm-up 10: min(0.999, s / (s + 10)))",
+            ["optim.ema.decay=0.999", "optim.ema.warmup_steps=10"]),
+    "ema-no-warmup": ("EMA of the weights (decay 0.999, no warm-up)", ["optim.ema.decay=0.999"]),
     "global-negatives": ("every training image and caption as negatives (memory_queue, mode "
                          "global: the bank re-embedded after each epoch)",
                          ["loss.name=memory_queue", "loss.mode=global"]),

@@ -244,3 +244,26 @@ def test_interpolate_refuses_bad_alphas_and_other_architectures(runs, averaged) 
     out = assert_user_error(cli("interpolate", runs["unbroken"], runs["out"] / "wide"),
                             "differ in architecture", "[32, 32]", "[16, 32]")
     assert len(out.strip().splitlines()) == 1
+
+
+def test_a_run_too_short_for_its_ema_decay_is_told(tmp_path) -> None:
+    """decay 0.99 without warm-up keeps over 5% of the random start until step 299: a 10-step
+    run hears it; with a warm-up, or a decay whose average this run outlasts, it does not."""
+    said: list[str] = []
+
+    def run(name: str, ema: dict) -> None:
+        data = tiny_recipe(tmp_path, name=name, optim={"ema": ema},
+                           data={"train_images": 16, "val_images": 16, "test_images": 16})
+        trainer = Trainer(mmfw.load_recipe(data), console=said.append)
+        try:
+            trainer.fit()
+        finally:
+            trainer.release()
+
+    run("short", {"decay": 0.99})
+    note = [s for s in said if s.startswith("note: [optim.ema]")]
+    assert note and "until step 299, and this run has 10" in note[0], said
+    said.clear()
+    run("warm", {"decay": 0.99, "warmup_steps": 3})
+    run("fast", {"decay": 0.1})
+    assert not [s for s in said if s.startswith("note: [optim.ema]")], said

@@ -18,6 +18,7 @@ names it as the evaluated weights, so ``mmfw.load_run`` / ``mmfw eval`` / export
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -25,6 +26,9 @@ import torch
 from torch import Tensor
 
 from mmfw.spi import Callback, MmfwError, RunContext, StepEnd, option
+
+#: the share of the average the starting weights may keep before the run warns
+START_LEFT = 0.05
 
 
 def _open_unit(_inst: Any, attribute: Any, value: float) -> None:
@@ -116,6 +120,17 @@ class Ema(Callback):
         ctx.say(f"EMA of the weights: decay {o.decay}, every {o.every} step(s)"
                 + (f", warm-up {o.warmup_steps}" if o.warmup_steps else "")
                 + "; validation and the final evaluation use it")
+        if not o.warmup_steps:
+            # after n updates the starting weights keep decay**n of the average
+            needed = math.ceil(math.log(START_LEFT) / math.log(o.decay)) * o.every
+            budget = bool(ctx.recipe.run.max_minutes)
+            if ctx.total_steps < needed or budget:
+                ctx.say(f"note: [optim.ema]: with decay {o.decay} and no warm-up the initial "
+                        f"weights weigh more than {START_LEFT:.0%} of the average until step "
+                        f"{needed}" + (f", and this run has {ctx.total_steps}"
+                                       if ctx.total_steps < needed
+                                       else ", which a time budget may cut short")
+                        + ": a short run needs a smaller decay or optim.ema.warmup_steps")
 
     @torch.no_grad()
     def on_step_end(self, ctx: RunContext, step: StepEnd) -> None:
