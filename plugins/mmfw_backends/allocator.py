@@ -57,4 +57,4 @@ def keep_freed_memory() -> bool:
         and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "glibc", "keep_freed_memory"]
