@@ -65,6 +65,12 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: the backend section of tests that compare two ways of computing the same training (ranks
+#: against one process, pieces against the whole batch): fp32, whatever the CPU, because bf16
+#: autocast (the default on CPUs with bf16 matrix instructions) rounds each way differently
+EXACT_BACKEND = {"precision": "fp32"}
+
+
 def tiny_recipe(output_dir: Path | str, name: str = "tiny", **sections: Any) -> dict[str, Any]:
     """TINY with its run directory under ``output_dir``; keyword sections are merged in."""
     data = deep_merge(TINY, {"run": {"name": name, "output_dir": str(output_dir)}})

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import mmfw
-from helpers import SUBPROCESS_ENV, tiny_recipe
+from helpers import EXACT_BACKEND, SUBPROCESS_ENV, tiny_recipe
 from mmfw.model import build_model
 from mmfw.parallel import distributed as D
 from mmfw.parallel import sharding
@@ -325,6 +325,7 @@ def test_unequal_shards_on_two_ranks_match_one_process_on_the_concatenated_batch
 # the engine under torchrun ---------------------------------------------------------------------
 
 def _engine_recipe(root: Path, name: str, **sections: object) -> Path:
+    sections.setdefault("backend", EXACT_BACKEND)  # compared with another way of training
     path = root / f"{name}.toml"
     path.write_text(tomli_w.dumps(tiny_recipe(root / "runs", name=name, **sections)),
                     encoding="utf-8")
@@ -500,6 +501,7 @@ def test_fsdp_shards_hf_and_timm_encoders_block_by_block(tmp_path: Path) -> None
              "text": {"name": "hf-text", "model": str(bert), "pooling": "mean"}}
 
     def recipe(name: str, **sections: object) -> str:
+        sections.setdefault("backend", EXACT_BACKEND)  # FSDP against DDP
         data = tiny_recipe(tmp_path / "runs", name=name, **sections)
         data["model"].update(model)  # replace the scratch towers, options and all
         path = tmp_path / f"{name}.toml"

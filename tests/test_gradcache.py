@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import mmfw
-from helpers import tiny_recipe
+from helpers import EXACT_BACKEND, tiny_recipe
 from mmfw.data.batching import Collate, Pairs
 from mmfw.model import build_model
 from mmfw.train.gradcache import chunks, gradcache_step, naive_step
@@ -202,7 +202,7 @@ def test_batchnorm_running_stats_update_once() -> None:
 
 def _train(tmp_path, name: str, **optim):
     data = tiny_recipe(tmp_path / "runs", name=name, run={"max_steps": 8, "epochs": 1},
-                       optim=optim, eval={"val_split": ""})
+                       optim=optim, eval={"val_split": ""}, backend=EXACT_BACKEND)
     return mmfw.train(mmfw.load_recipe(data), console=lambda _: None)
 
 

@@ -41,11 +41,14 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(run_dir: Path) -> dict:
-    """The evaluation path's own embeddings of the test split (``embed_split``)."""
+    """The evaluation path's own embeddings of the test split (``embed_split``, in the
+    run's precision: bf16 on a CPU with bf16 matrix instructions, ``backend.precision =
+    "auto"``)."""
     run = mmfw.load_run(run_dir)
     ds = run.recipe.data.dataset
     split = mmfw.create("dataset", ds.name, options=ds.options).split("test")
-    img, txt, owner = embed_split(run.model, split)
+    device, autocast = run.placed()
+    img, txt, owner = embed_split(run.model, split, device=device, autocast=autocast)
     images = [split[i].image for i in range(len(split))]
     captions = [c for i in range(len(split)) for c in split.captions(i)]
     return {"img": F.normalize(img, dim=-1), "txt": F.normalize(txt, dim=-1), "owner": owner,
@@ -155,7 +158,8 @@ def test_native_export_opens_alone_with_a_model_card(exported: Path, run_dir: Pa
     for heading in ("## Usage", "## Data", "## Training time and hardware",
                     "## Intended use and limitations"):
         assert heading in card.text
-    assert "backend `cpu` (fp32)" in card.text and "20 steps" in card.text
+    ran = mmfw.create("backend", "cpu").precision  # "auto" as it resolved on this CPU
+    assert f"backend `cpu` ({ran})" in card.text and "20 steps" in card.text
     # a second export replaces the first (it carries the marker); a foreign folder is kept
     assert cli("export", run_dir).exit_code == 0
     foreign = tmp_path / "foreign"

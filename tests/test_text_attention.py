@@ -248,7 +248,7 @@ def test_bf16_autocast_selects_the_math_kernel() -> None:
 
 
 def test_fp32_selects_the_math_kernel_without_autocast() -> None:
-    fp32 = mmfw.create("backend", "cpu")
+    fp32 = mmfw.create("backend", "cpu", precision="fp32")
     assert "math sdpa" in fp32.describe()
     with fp32.autocast():
         assert not torch.backends.cuda.flash_sdp_enabled()
@@ -398,7 +398,7 @@ def test_scratch_towers_train_alike_with_either_attention_impl(unpad: bool) -> N
     ids = torch.randint(4, 40, (5, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.arange(9)[None] < torch.tensor([9, 2, 5, 7, 3])[:, None]
     tokens = {"input_ids": ids, "attention_mask": mask}
-    backend = mmfw.create("backend", "cpu")  # fp32, math kernel: where "mmfw" applies
+    backend = mmfw.create("backend", "cpu", precision="fp32")  # math kernel: where "mmfw" applies
     results = {}
     for impl in ("mmfw", "sdpa"):
         vision, text = _towers(impl)

@@ -71,9 +71,9 @@ def test_cpu_flags_name_the_native_bf16_feature() -> None:
 
 @pytest.mark.parametrize("native", ["avx512_bf16", None])
 def test_auto_precision_takes_bf16_only_where_the_cpu_has_it(monkeypatch, native) -> None:
-    """precision = "auto": bf16 autocast on a CPU with bf16 matrix instructions, fp32 (no
-    autocast) on one without, where emulated bf16 is slower than fp32; inference on the run's
-    backend gets the resolved precision."""
+    """precision = "auto" (the default): bf16 autocast on a CPU with bf16 matrix instructions,
+    fp32 (no autocast) on one without, where emulated bf16 is slower than fp32; inference on
+    the run's backend gets the resolved precision."""
     import mmfw_backends.cpufeatures as features
 
     monkeypatch.setattr(features, "native_bf16", lambda: native)
@@ -85,7 +85,11 @@ def test_auto_precision_takes_bf16_only_where_the_cpu_has_it(monkeypatch, native
     assert y.dtype == (torch.bfloat16 if native else torch.float32)
     assert f"{expected} (auto: {native or 'no bf16 matrix instructions'})" in backend.describe()
     assert placement(("cpu", {"precision": "auto"}), None, None)[1] == expected
-    assert mmfw.create("backend", "cpu").precision == "fp32"  # the default is unchanged
+    # auto is the default, of the cpu backend and of the auto backend's CPU fallback
+    assert mmfw.create("backend", "cpu").precision == expected
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert mmfw.create("backend", "auto").precision == expected
+        assert mmfw.create("backend", "auto", precision="fp16").precision == "fp32"
 
 
 def test_fp16_grad_scaler_state_is_checkpointed_and_restored(tmp_path) -> None:

@@ -75,7 +75,7 @@ class CPUOptions:
     threads: int = option(0, doc="torch intra-op threads (0: torch's default, one per core)",
                           validator=attrs.validators.ge(0))
     precision: AutoPrecision = option(
-        "fp32", doc="bf16: autocast, fast on CPUs with bf16 matrix instructions (AMX-BF16, "
+        "auto", doc="bf16: autocast, fast on CPUs with bf16 matrix instructions (AMX-BF16, "
         "AVX512-BF16, Arm BF16) and far slower than fp32 on the others; auto: bf16 where the "
         "CPU has them, else fp32; fp16: autocast with a GradScaler (slow on most CPUs; "
         "exercises the GPU's fp16 path)")
@@ -315,8 +315,8 @@ class MPSBackend(_Prepare):
 @attrs.frozen
 class AutoOptions:
     precision: AutoPrecision = option(
-        "auto", doc="auto: bf16 on CUDA, fp32 elsewhere (backend.name = \"cpu\" with "
-        "precision = \"auto\" takes bf16 on CPUs with bf16 matrix instructions)"
+        "auto", doc="auto: bf16 on CUDA and on CPUs with bf16 matrix instructions (AMX-BF16, "
+        "AVX512-BF16, Arm BF16), fp32 elsewhere (MPS, other CPUs)"
     )
     threads: int = option(0, doc="CPU threads when it falls back to the CPU",
                           validator=attrs.validators.ge(0))
@@ -339,7 +339,8 @@ def auto_backend(options: AutoOptions | None = None) -> CUDABackend | MPSBackend
     mps = MPSBackend(MPSOptions(**shared))
     if mps.available():
         return mps
-    return CPUBackend(CPUOptions(threads=o.threads, precision="bf16" if prec == "bf16" else "fp32",
+    # fp16 asks for the GPU's fp16 path: a CPU fallback runs fp32 instead
+    return CPUBackend(CPUOptions(threads=o.threads, precision="fp32" if prec == "fp16" else prec,
                                  **shared))
 
 

@@ -61,6 +61,10 @@ def recall_at_k(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
     return out
 
 
+#: precision names and their autocast dtypes (fp32: none)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def device_context(device: Any, precision: str = "fp32"
                    ) -> Callable[[], contextlib.AbstractContextManager[Any]]:
     """The forward context of the default backend of ``device``'s type, for embeddings
@@ -74,6 +78,30 @@ def device_context(device: Any, precision: str = "fp32"
     if dtype is None:
         return contextlib.nullcontext
     return lambda: torch.autocast(dev.type, dtype=dtype)
+
+
+def placement(backend: tuple[str, dict[str, Any]] | None, device: str | torch.device | None,
+              precision: str | None
+              ) -> tuple[torch.device, str, Callable[[], contextlib.AbstractContextManager[Any]]]:
+    """Device, precision name and autocast factory: the run's backend (when it is available
+    here) unless ``device`` / ``precision`` say otherwise."""
+    if precision is not None and precision not in PRECISIONS:
+        raise MmfwError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if device is None and backend is not None:
+        try:
+            built = create("backend", backend[0], **backend[1])
+        except (MmfwError, TypeError):  # a backend plugin not installed here: the CPU
+            built = None
+        if built is not None and built.available():
+            if precision is None:
+                # the precision the backend runs (``auto`` resolved), else its option
+                prec = str(getattr(built, "precision", None)
+                           or getattr(getattr(built, "options", None), "precision", "fp32"))
+                return built.device, prec if prec in PRECISIONS else "fp32", built.autocast
+            device = built.device
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    prec = precision or "fp32"
+    return dev, prec, device_context(dev, prec)
 
 
 @torch.no_grad()

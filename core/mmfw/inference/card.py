@@ -82,7 +82,9 @@ def training_facts(run: LoadedRun) -> dict[str, Any]:
         facts["world_size"] = rows[-1].get("world_size")
     b = run.recipe.backend
     facts["backend"] = b.name
-    facts["precision"] = b.values().get("precision", "")
+    # what the steps ran in (``auto`` resolved on the training machine), else the recipe's
+    ran = rows[-1].get("precision") if rows else None
+    facts["precision"] = ran if isinstance(ran, str) else b.values().get("precision", "")
     return facts
 
 

@@ -22,9 +22,8 @@ from PIL import Image
 from torch import Tensor
 
 from ..config.recipe import Recipe
-from ..eval.retrieval import device_context, ensemble_embeddings
+from ..eval.retrieval import ensemble_embeddings, placement
 from ..model import DualEncoder
-from ..registry import create
 from ..run.loaded import ensemble_members, load_run
 from ..run.rundir import CHECKPOINTS, RECIPE_FILE
 from ..spi.contracts import EXPORT_MANIFEST, EXPORT_WEIGHTS
@@ -40,7 +39,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 BATCH_SIZE = 256
 #: inputs longer than this get a progress bar unless ``progress`` says otherwise
 PROGRESS_ABOVE = 2048
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Hit(NamedTuple):
@@ -232,30 +230,6 @@ def _batches(items: Sequence[Any], size: int, progress: bool | None, unit: str
 
 # ------------------------------------------------------------------------------------------
 # loading
-
-
-def placement(backend: tuple[str, dict[str, Any]] | None, device: str | torch.device | None,
-              precision: str | None
-              ) -> tuple[torch.device, str, Callable[[], AbstractContextManager[Any]]]:
-    """Device, precision name and autocast factory: the run's backend (when it is available
-    here) unless ``device`` / ``precision`` say otherwise."""
-    if precision is not None and precision not in PRECISIONS:
-        raise MmfwError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if device is None and backend is not None:
-        try:
-            built = create("backend", backend[0], **backend[1])
-        except (MmfwError, TypeError):  # a backend plugin not installed here: the CPU
-            built = None
-        if built is not None and built.available():
-            if precision is None:
-                # the precision the backend runs (``auto`` resolved), else its option
-                prec = str(getattr(built, "precision", None)
-                           or getattr(getattr(built, "options", None), "precision", "fp32"))
-                return built.device, prec if prec in PRECISIONS else "fp32", built.autocast
-            device = built.device
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    prec = precision or "fp32"
-    return dev, prec, device_context(dev, prec)
 
 
 def _backend_of(recipe: Recipe) -> tuple[str, dict[str, Any]]:

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import attrs
@@ -15,7 +16,7 @@ from ..config.recipe import Recipe, apply_overrides, from_dict, load_recipe
 from ..data.augment import encoder_input_size
 from ..data.datasource import BadData, CheckedSource
 from ..eval.protocols import evaluate_protocol
-from ..eval.retrieval import embed_options, evaluate_ensemble
+from ..eval.retrieval import embed_options, evaluate_ensemble, placement
 from ..eval.zeroshot import evaluate_zeroshot
 from ..model import DualEncoder, build_model
 from ..registry import create
@@ -33,6 +34,16 @@ class LoadedRun:
     recipe: Recipe
     model: DualEncoder
     step: int
+
+    def placed(self, device: str | torch.device | None = None
+               ) -> tuple[torch.device, Callable[[], AbstractContextManager[object]]]:
+        """The device and forward context to embed with, the model moved there: the run's
+        backend and its precision where that backend is available here (what training's
+        evaluation used), else the CPU in fp32; a ``device`` given runs fp32 there."""
+        backend = self.recipe.backend
+        dev, _, ctx = placement((backend.name, backend.values()), device, None)
+        self.model.to(dev)
+        return dev, ctx
 
 
 def ensemble_members(run_dir: str | Path) -> list[Path] | None:
@@ -81,7 +92,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu",
 
 def evaluate(run: str | Path | LoadedRun | Sequence[str | Path | LoadedRun], *,
              split: str | None = None, data: Iterable[str] = (), batch_size: int | None = None,
-             device: str | torch.device = "cpu",
+             device: str | torch.device | None = None,
              console: Callable[[str], None] | None = None, task: str = "retrieval",
              zeroshot: Iterable[str] = ()) -> dict[str, float]:
     """Recall@1/5/10 both ways and rsum of a run on a split of its dataset, by the recipe's
@@ -98,6 +109,10 @@ def evaluate(run: str | Path | LoadedRun | Sequence[str | Path | LoadedRun], *,
     ``data=["on_bad=skip"]``): ``"error"`` raises a DataError naming the items; ``"skip"``
     leaves them out, says so through ``console`` (default: stderr) and lists each in the run
     directory's ``skipped.jsonl`` (``when = "eval"``) when it is writable (a single run only).
+
+    ``device``: by default the run's backend and its precision where that backend is
+    available here (a bf16 run is evaluated in bf16, as its training evaluated it), else the
+    CPU in fp32; a device given runs fp32 there.
     """
     say = console if console is not None else (lambda s: print(s, file=sys.stderr, flush=True))
     if isinstance(run, (str, Path)) and (members := ensemble_members(run)) is not None:
@@ -107,7 +122,7 @@ def evaluate(run: str | Path | LoadedRun | Sequence[str | Path | LoadedRun], *,
         for r in run:  # an ensemble directory among several runs stands for its members
             inner = None if isinstance(r, LoadedRun) else ensemble_members(r)
             paths.extend(inner if inner is not None else [r])
-        runs = [r if isinstance(r, LoadedRun) else load_run(r, device=device) for r in paths]
+        runs = [r if isinstance(r, LoadedRun) else load_run(r) for r in paths]
         if not runs:
             raise MmfwError("evaluate() needs at least one run directory")
         if len(runs) > 1:
@@ -117,7 +132,7 @@ def evaluate(run: str | Path | LoadedRun | Sequence[str | Path | LoadedRun], *,
         run = runs[0]
     if task not in TASKS:
         raise MmfwError(f"unknown evaluation task {task!r} (one of {', '.join(TASKS)})")
-    loaded = run if isinstance(run, LoadedRun) else load_run(run, device=device)
+    loaded = run if isinstance(run, LoadedRun) else load_run(run)
     if task == "zeroshot":
         return _evaluate_zeroshot(loaded, split, data, zeroshot, batch_size, device, say)
     return _evaluate([loaded], split, data, batch_size, device, say)
@@ -137,19 +152,24 @@ def _overridden(recipe: Recipe, data: Iterable[str], zeroshot: Iterable[str] = (
 
 def _evaluate_zeroshot(loaded: LoadedRun, split: str | None, data: Iterable[str],
                        zeroshot: Iterable[str], batch_size: int | None,
-                       device: str | torch.device, say: Callable[[str], None]
+                       device: str | torch.device | None, say: Callable[[str], None]
                        ) -> dict[str, float]:
     recipe = _overridden(loaded.recipe, data, [*zeroshot, *([f"split={split}"] if split
                                                             else [])])
     log_dir = loaded.run_dir if os.access(loaded.run_dir, os.W_OK) else None
-    return evaluate_zeroshot(loaded.model, recipe, run_dir=log_dir, say=say, device=device,
+    dev, ctx = loaded.placed(device)
+    return evaluate_zeroshot(loaded.model, recipe, run_dir=log_dir, say=say, device=dev,
+                             autocast=ctx,
                              batch_size=batch_size)
 
 
 def _evaluate(runs: list[LoadedRun], split: str | None, data: Iterable[str],
-              batch_size: int | None, device: str | torch.device,
+              batch_size: int | None, device: str | torch.device | None,
               say: Callable[[str], None]) -> dict[str, float]:
     loaded = runs[0]
+    dev, ctx = loaded.placed(device)
+    for r in runs[1:]:
+        r.model.to(dev)
     recipe = _overridden(loaded.recipe, data)
     raw_source = create("dataset", recipe.data.dataset.name,
                         options=recipe.data.dataset.options)
@@ -165,7 +185,7 @@ def _evaluate(runs: list[LoadedRun], split: str | None, data: Iterable[str],
         sizes = {encoder_input_size(r.model.vision.preprocess) for r in runs}
         if len(sizes) == 1 and None not in sizes:  # members of other sizes decode the files
             source.use_cache(sizes.pop())  # type: ignore[arg-type]
-    kwargs = dict(batch_size=batch_size or recipe.eval.batch_size, device=device,
+    kwargs = dict(batch_size=batch_size or recipe.eval.batch_size, device=dev, autocast=ctx,
                   max_images=recipe.eval.max_images, **embed_options(recipe))
     if len(runs) == 1:
         return evaluate_protocol(loaded.model, checked, rerank_top_k=recipe.eval.rerank_top_k,

@@ -281,8 +281,10 @@ def _failures_section(run_dir: RunDir, count: int) -> str:
         loaded = load_run(run_dir.path)
         split = _eval_split(loaded, notes)
         ev = loaded.recipe.eval
+        device, autocast = loaded.placed()  # the precision metrics.json was made in
         images, texts, owner = embed_split(loaded.model, split, batch_size=ev.batch_size,
-                                           max_images=ev.max_images,
+                                           max_images=ev.max_images, device=device,
+                                           autocast=autocast,
                                            **embed_options(loaded.recipe))
     except (MmfwError, OSError) as err:
         why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -246,6 +246,9 @@ class Trainer:
                         stage=opt.plan.index if opt.staged and opt.plan else None,
                         accumulate=self.recipe.optim.accumulate,
                         local_loss=self.world.distributed and self.recipe.distributed.local_loss)
+        precision = getattr(self.backend, "precision", None)  # ``auto`` resolved
+        if isinstance(precision, str):
+            row["precision"] = precision
         if opt.clock is not None:  # how far the budget-fitted schedule is
             row["schedule/position"] = round(opt.clock.position / max(self.total_steps, 1), 4)
         self.ctx.log(row)
