@@ -203,6 +203,7 @@ UNEQUAL_TEXT_IDS = ([0, 0, 1, 2, 3, 4, 5, 6, 6], [6, 5, 4, 1, 99, 0])
 UNEQUAL_LOSSES = {
     "infonce": (InfoNCE, {}),
     "infonce-smoothed": (InfoNCE, {"label_smoothing": 0.1}),
+    "infonce-soft": (InfoNCE, {"soft_targets": 0.3}),
     "siglip": (SigLIP, {}),
     "ntxent": (NTXent, {"learn_temperature": True}),
     "hard_negative": (HardNegative, {"learn_temperature": True, "top_k": 2}),

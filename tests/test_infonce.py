@@ -360,3 +360,55 @@ def test_label_smoothing_changes_the_loss() -> None:
     plain = infonce(temperature=0.1, learn_temperature=False)(image, text).loss
     smoothed = infonce(temperature=0.1, learn_temperature=False, label_smoothing=0.1)
     assert abs(smoothed(image, text).loss.item() - plain.item()) > 1e-3
+
+
+# soft targets from caption-caption similarity ---------------------------------------------
+
+
+def _soft_reference(image, text, image_ids, text_ids, tau, weight, soft_tau):
+    """Both directions by plain loops: the target of image i mixes its captions (uniform)
+    with a softmax over captions j of cos(mean direction of i's captions, caption j), a
+    constant (no gradient flows through a target)."""
+    v, t = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    logits = v @ t.T / tau
+    g = torch.zeros(len(v), len(t))
+    fixed = t.detach()
+    for i in range(len(v)):
+        own = [j for j in range(len(t)) if text_ids[j] == image_ids[i]]
+        centre = F.normalize(fixed[own].mean(0), dim=0)
+        for j in range(len(t)):
+            g[i, j] = centre @ fixed[j]
+
+    def direction(logit_rows, g_rows, pos_rows):
+        total = []
+        for row, grow, pos in zip(logit_rows, g_rows, pos_rows, strict=True):
+            target = (1 - weight) * pos / pos.sum() + weight * torch.softmax(grow / soft_tau, 0)
+            total.append(-(target * torch.log_softmax(row, 0)).sum())
+        return torch.stack(total).mean()
+
+    pos = (image_ids.view(-1, 1) == text_ids.view(1, -1)).float()
+    return direction(logits, g, pos), direction(logits.T, g.T, pos.T)
+
+
+@pytest.mark.parametrize("weight", [0.2, 0.5])
+def test_soft_targets_are_the_plain_loop_reference(weight) -> None:
+    """Several captions an image (semantic-group batches): the loss and its gradients are
+    the loop reference's, whose targets are constants."""
+    image_ids = torch.tensor([3, 1, 4, 7])
+    text_ids = torch.tensor([1, 3, 3, 4, 7, 1, 4, 7, 7])
+    image = (_randn(0, 4, 6) * 2).requires_grad_()
+    text = _randn(1, 9, 6).requires_grad_()
+    loss = infonce(temperature=0.1, learn_temperature=False, soft_targets=weight,
+                   soft_temperature=0.2)
+    got = loss(image, text, image_ids=image_ids, text_ids=text_ids)
+    i2t, t2i = _soft_reference(image, text, image_ids, text_ids, 0.1, weight, 0.2)
+    torch.testing.assert_close(got.terms["i2t"], i2t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.terms["t2i"], t2i, rtol=1e-5, atol=1e-6)
+    want = torch.autograd.grad((i2t + t2i) / 2, (image, text))
+    for g, w in zip(torch.autograd.grad(got.loss, (image, text)), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    plain = infonce(temperature=0.1, learn_temperature=False)
+    zero = infonce(temperature=0.1, learn_temperature=False, soft_targets=0.0)
+    torch.testing.assert_close(zero(image, text, image_ids=image_ids, text_ids=text_ids).loss,
+                               plain(image, text, image_ids=image_ids, text_ids=text_ids).loss)
+

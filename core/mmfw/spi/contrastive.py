@@ -22,10 +22,12 @@ EXCLUDED = -1e9
 
 
 def soft_cross_entropy(logits: Tensor, pos: Tensor, smoothing: float = 0.0,
-                       divisor: Tensor | None = None) -> Tensor:
+                       divisor: Tensor | None = None, target: Tensor | None = None,
+                       target_weight: float = 0.0) -> Tensor:
     r"""Mean over rows with a positive of :math:`-\sum_j q_{ij} \log \mathrm{softmax}(l)_{ij}`.
 
-    ``q`` is uniform over the row's positives (``pos``, bool ``[N, M]``), mixed with
+    ``q`` is uniform over the row's positives (``pos``, bool ``[N, M]``), mixed with a
+    ``target`` distribution (``[N, M]``, rows summing to 1) by ``target_weight`` and then with
     ``smoothing`` uniform mass (Szegedy et al. 2016, label smoothing). A ``divisor``
     (:func:`mmfw.spi.pairing.anchor_share`: rows that are a shard of a batch) replaces the
     count of rows with a positive. Rows without a positive add 0 and are not counted, with no
@@ -34,6 +36,8 @@ def soft_cross_entropy(logits: Tensor, pos: Tensor, smoothing: float = 0.0,
     has_pos = pos.any(1)
     q = pos.to(logits.dtype)
     q = q / q.sum(1, keepdim=True).clamp_min(1.0)
+    if target is not None and target_weight:
+        q = (1 - target_weight) * q + target_weight * target.to(logits.dtype)
     if smoothing:
         q = (1 - smoothing) * q + smoothing / logits.shape[1]
     nll = -(q * F.log_softmax(logits, dim=1)).sum(1)
