@@ -109,6 +109,19 @@ def packed_qkv_attention(qkv: Tensor, heads: int, keep: Tensor | None) -> Tensor
     return _PackedQKV.apply(qkv, heads, bias, keep.any(-1, keepdim=True).to(qkv.dtype))
 
 
+def head_views(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``q``, ``k``, ``v`` ``[B, H, L, d]`` as views of the in-projection's output ``qkv``
+    ``[B, L, 3 H d]``. Split on the ``3`` axis before the heads are moved (``unbind(2)``, then
+    ``transpose``), not after as ``permute(2, 0, 3, 1, 4).unbind(0)`` does: the views are
+    the same, but backwards the three gradients are stacked straight into ``qkv``'s
+    ``[B, L, 3, H, d]`` layout in one pass, where the other order stacks them in
+    ``[3, B, H, L, d]`` and then copies that to ``qkv``'s layout (0.9-1.3 ms less an
+    attention layer's backward at the quickstart's text shape, benchmarks/README.md)."""
+    b, n, w3 = qkv.shape
+    q, k, v = qkv.view(b, n, 3, heads, w3 // (3 * heads)).unbind(2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
 def own_kernel(x: Tensor, dropout: float, keep: Tensor | None = None) -> bool:
     """Whether :func:`packed_qkv_attention` computes this attention: fp32 on the CPU, no
     dropout on the weights, no mask or a ``[B, 1, 1, L]`` key mask, and the backend asked
@@ -131,8 +144,7 @@ def attention(attn: nn.MultiheadAttention, x: Tensor, keep: Tensor, *,
     p = attn.dropout if attn.training else 0.0
     if own and own_kernel(qkv, p, keep):
         return attn.out_proj(packed_qkv_attention(qkv, h, keep))
-    q, k, v = qkv.view(b, n, 3, h, w // h).permute(2, 0, 3, 1, 4).unbind(0)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
+    y = F.scaled_dot_product_attention(*head_views(qkv, h), attn_mask=keep, dropout_p=p)
     return attn.out_proj(y.transpose(1, 2).reshape(b, n, w))
 
 
@@ -165,13 +177,12 @@ def packed_attention(attn: nn.MultiheadAttention, x: Tensor, packed: Packed, *,
     """:func:`attention` of packed tokens ``x`` ``[N, W]``: the projections run on the real
     tokens only; the attention itself on the padded layout, padding masked as keys."""
     qkv = packed.unpack(F.linear(x, attn.in_proj_weight, attn.in_proj_bias))
-    b, n, w3 = qkv.shape
-    h, w = attn.num_heads, w3 // 3
+    h, w = attn.num_heads, qkv.shape[-1] // 3
     p = attn.dropout if attn.training else 0.0
     if own and own_kernel(qkv, p, packed.keep):
         return attn.out_proj(packed.pack(packed_qkv_attention(qkv, h, packed.keep)))
-    q, k, v = qkv.view(b, n, 3, h, w // h).permute(2, 0, 3, 1, 4).unbind(0)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=packed.keep, dropout_p=p)
+    y = F.scaled_dot_product_attention(*head_views(qkv, h), attn_mask=packed.keep,
+                                       dropout_p=p)
     return attn.out_proj(packed.pack(y.transpose(1, 2)).reshape(-1, w))
 
 
