@@ -115,8 +115,8 @@ def head_views(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
     ``transpose``), not after as ``permute(2, 0, 3, 1, 4).unbind(0)`` does: the views are
     the same, but backwards the three gradients are stacked straight into ``qkv``'s
     ``[B, L, 3, H, d]`` layout in one pass, where the other order stacks them in
-    ``[3, B, H, L, d]`` and then copies that to ``qkv``'s layout (0.9-1.3 ms less an
-    attention layer's backward at the quickstart's text shape, benchmarks/README.md)."""
+    ``[3, B, H, L, d]`` and then copies that to ``qkv``'s layout (one pass fewer over the
+    gradients; ``benchmarks/attention_layout.py`` times the two orders)."""
     b, n, w3 = qkv.shape
     q, k, v = qkv.view(b, n, 3, heads, w3 // (3 * heads)).unbind(2)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
