@@ -69,7 +69,7 @@ def main() -> None:
     x = torch.randn(b, n, w, generator=g).requires_grad_()
     weight = (torch.randn(3 * w, w, generator=g) * w**-0.5).requires_grad_()
     keep = (torch.arange(n) < a.real)[None, None, None, :].expand(b, 1, 1, n)
-    grad = torch.randn(b, n, w, generator=g)
+    grad = torch.randn(b, a.heads, n, w // a.heads, generator=g)
     orders = {"permute": permute_views, "split": head_views}
     ms: dict[str, list[float]] = {k: [] for k in orders}
     with sdpa_kernel(SDPBackend.MATH):
