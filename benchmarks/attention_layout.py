@@ -41,12 +41,21 @@ def permute_views(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
-def timed(views: Callable[[Tensor, int], tuple[Tensor, ...]], x: Tensor, w: Tensor,
-          keep: Tensor, heads: int, grad: Tensor, calls: int) -> float:
+Views = Callable[[Tensor, int], tuple[Tensor, ...]]
+
+
+def step(views: Views, x: Tensor, w: Tensor, keep: Tensor, heads: int,
+         grad: Tensor) -> tuple[Tensor, ...]:
+    """In-projection, attention, backward: the output and the input's and weight's grads."""
+    y = F.scaled_dot_product_attention(*views(F.linear(x, w), heads), attn_mask=keep)
+    return (y, *torch.autograd.grad(y, (x, w), grad))
+
+
+def timed(views: Views, x: Tensor, w: Tensor, keep: Tensor, heads: int, grad: Tensor,
+          calls: int) -> float:
     t = time.perf_counter()
     for _ in range(calls):
-        y = F.scaled_dot_product_attention(*views(F.linear(x, w), heads), attn_mask=keep)
-        torch.autograd.grad(y, (x, w), grad)
+        step(views, x, w, keep, heads, grad)
     return (time.perf_counter() - t) / calls * 1e3
 
 
@@ -73,11 +82,8 @@ def main() -> None:
     orders = {"permute": permute_views, "split": head_views}
     ms: dict[str, list[float]] = {k: [] for k in orders}
     with sdpa_kernel(SDPBackend.MATH):
-        outs = {}
-        for name, views in orders.items():  # the same values, checked
-            y = F.scaled_dot_product_attention(*views(F.linear(x, weight), a.heads),
-                                               attn_mask=keep)
-            outs[name] = (y, *torch.autograd.grad(y, (x, weight), grad))
+        outs = {name: step(views, x, weight, keep, a.heads, grad)  # the same values, checked
+                for name, views in orders.items()}
         for u, v in zip(outs["permute"], outs["split"], strict=True):
             torch.testing.assert_close(u, v)
         for views in orders.values():  # warm-up
