@@ -6,11 +6,11 @@ with pixel noise so the files have a photo's entropy; PNG and JPEG alternating, 
 image, five captions each) is written once, then each side trains on it through its own entry
 point, in its own process, for the same number of optimizer steps:
 
-- **mmfw**: ``python -m mmfw run recipes/small_real.toml --set ...`` (the development-set
-  recipe of the quickstart's towers) pointed at the folder, ``run.max_steps`` = the steps,
-  random sampler, no cache, no validation, the final evaluation on the test split,
-  ``model.text.vocab_size`` 49408 (open_clip's BPE table, so both models have the same
-  parameters), augmentation off (its default).
+- **mmfw**: ``python -m mmfw run e2e.toml`` (written next to the folder, printed and stored in
+  the JSON: the quickstart's towers at 64 px, each as shipped) pointed at the folder,
+  ``run.max_steps`` = the steps, random sampler, no cache, no validation, the final
+  evaluation on the test split, ``model.text.vocab_size`` 49408 (open_clip's BPE table, so
+  both models have the same parameters), augmentation off (its default).
 - **open_clip**: ``python -m open_clip_train.main`` through the launcher of
   ``quality_vs_open_clip.py`` (registers the model config with ``open_clip.add_model_config``,
   then calls ``main``), its CSV loader over the same (image, caption) pairs (``--val-data``:
@@ -51,13 +51,82 @@ from train_throughput import bootstrap_ci, geo_mean, versions  # benchmarks/trai
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
-RECIPE = ROOT / "recipes" / "small_real.toml"
 MODEL = "mmfw-e2e-shape"
-LR, WD, WARMUP, CLIP = 1e-3, 0.1, 100, 1.0  # recipes/small_real.toml's optimisation
+LR, WD, WARMUP, CLIP = 1e-3, 0.1, 100, 1.0  # recipes/quickstart.toml's optimisation
 CAPTIONS = 5
 
-#: small_real.toml's towers (64 px, patch 8, width 128, 4 + 3 layers, 4 heads, scratch-vision
-#: and scratch-text's MLP ratio 2), in open_clip's config format; CLIP's BPE vocabulary
+#: mmfw's side: recipes/quickstart.toml's towers at 64 px over the folder, each tower and the
+#: loop as shipped (scratch-text unpadded, the packed-QKV attention), evaluated on the test
+#: split; ``{...}`` are filled per run. Written as a file: ``mmfw run`` reads what a user writes.
+RECIPE = """\
+[run]
+name = "{name}"
+output_dir = "{out}"
+seed = 0
+epochs = 1
+max_steps = {steps}
+max_minutes = 0
+progress = false
+
+[backend]
+{backend}
+
+[data]
+dataset = "karpathy"
+annotations = "{annotations}"
+images = "{images}"
+num_workers = {workers}
+cache = ""
+
+[sampler]
+name = "random"
+batch_size = {batch}
+
+[model]
+embed_dim = 128
+
+[model.vision]
+name = "scratch-vision"
+image_size = 64
+patch_size = 8
+width = 128
+depth = 4
+heads = 4
+mlp_ratio = 2.0
+
+[model.text]
+name = "scratch-text"
+vocab_size = 49408
+max_length = 48
+width = 128
+depth = 3
+heads = 4
+mlp_ratio = 2.0
+
+[model.adapter]
+name = "linear"
+
+[loss]
+name = "infonce"
+temperature = 0.07
+learn_temperature = true
+
+[optim]
+lr = {lr}
+weight_decay = {wd}
+grad_clip = {clip}
+
+[schedule]
+name = "warmup-cosine"
+warmup_steps = {warmup}
+
+[eval]
+split = "test"
+val_split = ""
+"""
+
+#: the same towers (64 px, patch 8, width 128, 4 + 3 layers, 4 heads, MLP ratio 2) in
+#: open_clip's config format; CLIP's BPE vocabulary
 OPEN_CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32,
@@ -119,19 +188,16 @@ def write_csv(root: Path, ann: Path, split: str) -> Path:
 
 def mmfw_command(a: argparse.Namespace, root: Path, ann: Path, out: Path, name: str
                  ) -> list[str]:
-    backend = ([f"backend.name={a.device}"] + ([f"backend.threads={a.threads}"]
-               if a.device == "cpu" else []) + [f"backend.precision={a.precision}"])
-    sets = [f"run.name={name}", f"run.output_dir={out}", "run.seed=0", "run.epochs=1",
-            f"run.max_steps={a.steps}", "run.max_minutes=0", "run.progress=false",
-            f"data.annotations={ann}", f"data.images={root / 'images'}", "data.cache=",
-            f"data.num_workers={a.workers}", "sampler.name=random",
-            f"sampler.batch_size={a.batch_size}", "eval.split=test", "eval.val_split=",
-            "model.text.vocab_size=49408", "model.text.max_length=48",
-            "model.vision.mlp_ratio=2.0", "model.text.mlp_ratio=2.0",
-            f"optim.lr={LR}", f"optim.weight_decay={WD}", f"optim.grad_clip={CLIP}",
-            f"schedule.warmup_steps={WARMUP}", *backend, *a.mmfw_set]
-    return [sys.executable, "-m", "mmfw", "run", str(RECIPE),
-            *[x for s in sets for x in ("--set", s)]]
+    backend = [f'name = "{a.device}"', f'precision = "{a.precision}"']
+    if a.device == "cpu" and a.threads:
+        backend.append(f"threads = {a.threads}")
+    recipe = root / f"{name}.toml"
+    recipe.write_text(RECIPE.format(
+        name=name, out=out, steps=a.steps, backend="\n".join(backend), annotations=ann,
+        images=root / "images", workers=a.workers, batch=a.batch_size, lr=LR, wd=WD,
+        clip=CLIP, warmup=WARMUP))
+    sets = [x for s in a.mmfw_set for x in ("--set", s)]
+    return [sys.executable, "-m", "mmfw", "run", str(recipe), *sets]
 
 
 def open_clip_command(a: argparse.Namespace, table: Path, test: Path, config: Path,
@@ -245,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                     check_open_clip(root / "logs" / name, a.steps, a.batch_size)
             print(f"pair {p + 1}/{a.pairs} ({'-'.join(order)}): mmfw {runs['mmfw'][-1]:.1f} s,"
                   f" open_clip {runs['open_clip'][-1]:.1f} s", flush=True)
+        mmfw_recipe = (root / "mmfw-0.toml").read_text()
     samples = a.steps * a.batch_size
     ratios = [o / m for m, o in zip(runs["mmfw"], runs["open_clip"], strict=True)]
     lo, hi = bootstrap_ci(ratios)
@@ -261,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {**header, "machine_end": record.machine(), "versions": versions(),
               "protocol_grade": a.protocol_grade,
               "args": vars(a), "images": n_images, "pairs_of_data": n_images * CAPTIONS,
-              "commands": shown, "open_clip_config": OPEN_CLIP_CONFIG, "sides": sides,
+              "commands": shown, "mmfw_recipe": mmfw_recipe, "open_clip_config": OPEN_CLIP_CONFIG, "sides": sides,
               "ratio": geo_mean(ratios), "ci95": [lo, hi], "pair_ratios": ratios}
     record.write(a.json or HERE / "results" / (
         f"end_to_end_{a.device}_{a.precision}{'_quick' if a.quick else ''}.json"), result)
