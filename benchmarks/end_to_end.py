@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {**header, "machine_end": record.machine(), "versions": versions(),
               "protocol_grade": a.protocol_grade,
               "args": vars(a), "images": n_images, "pairs_of_data": n_images * CAPTIONS,
-              "commands": shown, "mmfw_recipe": mmfw_recipe, "open_clip_config": OPEN_CLIP_CONFIG, "sides": sides,
+              "commands": shown, "mmfw_recipe": mmfw_recipe,
+              "open_clip_config": OPEN_CLIP_CONFIG, "sides": sides,
               "ratio": geo_mean(ratios), "ci95": [lo, hi], "pair_ratios": ratios}
     record.write(a.json or HERE / "results" / (
         f"end_to_end_{a.device}_{a.precision}{'_quick' if a.quick else ''}.json"), result)
