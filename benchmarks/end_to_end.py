@@ -6,8 +6,8 @@ with pixel noise so the files have a photo's entropy; PNG and JPEG alternating, 
 image, five captions each) is written once, then each side trains on it through its own entry
 point, in its own process, for the same number of optimizer steps:
 
-- **mmfw**: ``python -m mmfw run e2e.toml`` (written next to the folder, printed and stored in
-  the JSON: the quickstart's towers at 64 px, each as shipped) pointed at the folder,
+- **mmfw**: ``python -m mmfw run <run>.toml`` (written next to the folder and stored in the
+  JSON: the quickstart's towers at 64 px, each as shipped) pointed at the folder,
   ``run.max_steps`` = the steps, random sampler, no cache, no validation, the final
   evaluation on the test split, ``model.text.vocab_size`` 49408 (open_clip's BPE table, so
   both models have the same parameters), augmentation off (its default).
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -45,9 +46,16 @@ from pathlib import Path
 from typing import Any
 
 import record  # benchmarks/record.py
+import tomli_w
 import torch
 from PIL import Image
-from train_throughput import bootstrap_ci, geo_mean, versions  # benchmarks/train_throughput.py
+from train_throughput import (  # benchmarks/train_throughput.py
+    SHAPES,
+    bootstrap_ci,
+    geo_mean,
+    mmfw_recipe,
+    versions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
@@ -55,84 +63,20 @@ MODEL = "mmfw-e2e-shape"
 LR, WD, WARMUP, CLIP = 1e-3, 0.1, 100, 1.0  # recipes/quickstart.toml's optimisation
 CAPTIONS = 5
 
-#: mmfw's side: recipes/quickstart.toml's towers at 64 px over the folder, each tower and the
-#: loop as shipped (scratch-text unpadded, the packed-QKV attention), evaluated on the test
-#: split; ``{...}`` are filled per run. Written as a file: ``mmfw run`` reads what a user writes.
-RECIPE = """\
-[run]
-name = "{name}"
-output_dir = "{out}"
-seed = 0
-epochs = 1
-max_steps = {steps}
-max_minutes = 0
-progress = false
+#: recipes/quickstart.toml's towers at 64 px with CLIP's BPE vocabulary (open_clip's
+#: tokenizer), so both models have the same parameters
+SHAPE = dataclasses.replace(SHAPES["quickstart"], image_size=64, vocab_size=49408)
 
-[backend]
-{backend}
-
-[data]
-dataset = "karpathy"
-annotations = "{annotations}"
-images = "{images}"
-num_workers = {workers}
-cache = ""
-
-[sampler]
-name = "random"
-batch_size = {batch}
-
-[model]
-embed_dim = 128
-
-[model.vision]
-name = "scratch-vision"
-image_size = 64
-patch_size = 8
-width = 128
-depth = 4
-heads = 4
-mlp_ratio = 2.0
-
-[model.text]
-name = "scratch-text"
-vocab_size = 49408
-max_length = 48
-width = 128
-depth = 3
-heads = 4
-mlp_ratio = 2.0
-
-[model.adapter]
-name = "linear"
-
-[loss]
-name = "infonce"
-temperature = 0.07
-learn_temperature = true
-
-[optim]
-lr = {lr}
-weight_decay = {wd}
-grad_clip = {clip}
-
-[schedule]
-name = "warmup-cosine"
-warmup_steps = {warmup}
-
-[eval]
-split = "test"
-val_split = ""
-"""
-
-#: the same towers (64 px, patch 8, width 128, 4 + 3 layers, 4 heads, MLP ratio 2) in
-#: open_clip's config format; CLIP's BPE vocabulary
+#: the same towers in open_clip's config format
 OPEN_CLIP_CONFIG: dict[str, Any] = {
-    "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32,
-                   "patch_size": 8, "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 128, "heads": 4,
-                 "layers": 3, "mlp_ratio": 2.0},
+    "embed_dim": SHAPE.embed_dim,
+    "vision_cfg": {"image_size": SHAPE.image_size, "layers": SHAPE.vision_depth,
+                   "width": SHAPE.vision_width,
+                   "head_width": SHAPE.vision_width // SHAPE.vision_heads,
+                   "patch_size": SHAPE.patch_size, "mlp_ratio": SHAPE.mlp_ratio},
+    "text_cfg": {"context_length": SHAPE.context_length, "vocab_size": SHAPE.vocab_size,
+                 "width": SHAPE.text_width, "heads": SHAPE.text_heads,
+                 "layers": SHAPE.text_depth, "mlp_ratio": SHAPE.mlp_ratio},
 }
 
 LAUNCHER = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
@@ -188,16 +132,22 @@ def write_csv(root: Path, ann: Path, split: str) -> Path:
 
 def mmfw_command(a: argparse.Namespace, root: Path, ann: Path, out: Path, name: str
                  ) -> list[str]:
-    backend = [f'name = "{a.device}"', f'precision = "{a.precision}"']
-    if a.device == "cpu" and a.threads:
-        backend.append(f"threads = {a.threads}")
-    recipe = root / f"{name}.toml"
-    recipe.write_text(RECIPE.format(
-        name=name, out=out, steps=a.steps, backend="\n".join(backend), annotations=ann,
-        images=root / "images", workers=a.workers, batch=a.batch_size, lr=LR, wd=WD,
-        clip=CLIP, warmup=WARMUP))
+    """``mmfw run`` of ``<name>.toml``, written into ``root``: train_throughput.py's recipe of
+    SHAPE (each tower as shipped: scratch-text unpadded, the packed-QKV attention) over the
+    folder, with this script's optimisation, evaluated on the test split."""
+    recipe = mmfw_recipe(SHAPE, batch=a.batch_size, device=a.device, precision=a.precision,
+                         threads=a.threads, out_dir=str(out), train_images=0,
+                         max_steps=a.steps)
+    recipe["run"].update(name=name, max_minutes=0)
+    recipe["data"] = {"dataset": "karpathy", "annotations": str(ann),
+                      "images": str(root / "images"), "num_workers": a.workers, "cache": ""}
+    recipe["optim"] = {"lr": LR, "weight_decay": WD, "grad_clip": CLIP}
+    recipe["schedule"]["warmup_steps"] = WARMUP
+    recipe["eval"] = {"split": "test", "val_split": ""}
+    path = root / f"{name}.toml"
+    path.write_text(tomli_w.dumps(recipe))
     sets = [x for s in a.mmfw_set for x in ("--set", s)]
-    return [sys.executable, "-m", "mmfw", "run", str(recipe), *sets]
+    return [sys.executable, "-m", "mmfw", "run", str(path), *sets]
 
 
 def open_clip_command(a: argparse.Namespace, table: Path, test: Path, config: Path,
@@ -311,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                     check_open_clip(root / "logs" / name, a.steps, a.batch_size)
             print(f"pair {p + 1}/{a.pairs} ({'-'.join(order)}): mmfw {runs['mmfw'][-1]:.1f} s,"
                   f" open_clip {runs['open_clip'][-1]:.1f} s", flush=True)
-        mmfw_recipe = (root / "mmfw-0.toml").read_text()
+        recipe_text = (root / "mmfw-0.toml").read_text()
     samples = a.steps * a.batch_size
     ratios = [o / m for m, o in zip(runs["mmfw"], runs["open_clip"], strict=True)]
     lo, hi = bootstrap_ci(ratios)
@@ -328,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {**header, "machine_end": record.machine(), "versions": versions(),
               "protocol_grade": a.protocol_grade,
               "args": vars(a), "images": n_images, "pairs_of_data": n_images * CAPTIONS,
-              "commands": shown, "mmfw_recipe": mmfw_recipe,
+              "commands": shown, "mmfw_recipe": recipe_text,
               "open_clip_config": OPEN_CLIP_CONFIG, "sides": sides,
               "ratio": geo_mean(ratios), "ci95": [lo, hi], "pair_ratios": ratios}
     record.write(a.json or HERE / "results" / (
